@@ -1,0 +1,1 @@
+"""Experiment configs: one shared base (`common.py`) plus one small file per benchmark."""

@@ -1,0 +1,144 @@
+"""The shared base of every config: Split CIFAR-100 L2P with ViT-B/16.
+
+Each config file imports `get_base_config()` and overrides the fields that differ, so a
+difference between two methods or benchmarks is visible in a few lines. Every field below is
+read by the code; the comment above each says what it does.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the base config (L2P on Split CIFAR-100, 8 devices x 16 images)."""
+  config = ml_collections.ConfigDict()
+
+  # --- Model -------------------------------------------------------------------
+  # ViT variant, one of models.vit.VARIANTS (ViT-Ti_16 ... ViT-H_14, ViT-test).
+  config.model_name = "ViT-B_16"
+  # Pretrained backbone: the ViT release `.npz` or timm `.safetensors`. None: random init.
+  config.init_checkpoint = config_dict.placeholder(str)
+  # Head input: "token", "prompt", "gap" or "token+prompt".
+  config.vit_classifier = "prompt"
+  config.use_cls_token = True
+  # L2-normalise the pre-logits before the head.
+  config.norm_pre_logits = False
+  # Logits are divided by this.
+  config.temperature = 1.0
+  config.dropout_rate = 0.0
+  # Compute dtype of activations and matmuls ("float32" or "bfloat16"); parameters,
+  # optimizer state and loss stay float32.
+  config.dtype = "float32"
+  # "xla": explicit softmax attention; "fused": jax.nn.dot_product_attention (cuDNN on GPU).
+  config.attention_impl = "xla"
+
+  # --- G-Prompt (DualPrompt) -------------------------------------------------------
+  config.use_g_prompt = False
+  config.g_prompt_length = 5
+  config.g_prompt_layer_idx = (0, 1)
+  config.use_prefix_tune_for_g_prompt = True
+
+  # --- E-Prompt / L2P prompt pool ----------------------------------------------------
+  config.use_e_prompt = True
+  # L2P prepends its prompts at the input of block 0 (prompt-tuning).
+  config.e_prompt_layer_idx = (0,)
+  config.use_prefix_tune_for_e_prompt = False
+  config.prompt_pool = True
+  config.prompt_pool_param = ml_collections.ConfigDict()
+  config.prompt_pool_param.pool_size = 10
+  config.prompt_pool_param.length = 5
+  config.prompt_pool_param.top_k = 5
+  # Prompt and key initialisers: "uniform" ([0, 0.01)) or "normal".
+  config.prompt_pool_param.initializer = "uniform"
+  config.prompt_pool_param.prompt_key_init = "uniform"
+  # Learnable keys; False uses the mean of each prompt's tokens as its key.
+  config.prompt_pool_param.prompt_key = True
+  # Train task t on prompt ids [t * top_k, (t + 1) * top_k) instead of key matching.
+  config.prompt_pool_param.use_prompt_mask = False
+  # Apply that mask in the first epoch of each task only.
+  config.prompt_pool_param.mask_first_epoch = False
+  # At the start of task t > 0, copy the prompts (and keys) of task t - 1's slots into t's.
+  config.prompt_pool_param.shared_prompt_pool = False
+  config.prompt_pool_param.shared_prompt_key = False
+  # Majority vote of prompt ids over each group of `per_device_batch_size` images.
+  config.prompt_pool_param.batchwise_prompt = True
+  # Also vote at test time (the original's setting; False selects prompts per image).
+  config.prompt_pool_param.batchwise_prompt_at_test = True
+  # Query for key matching: "cls" (query ViT), "mean", "max" or "mean_max" of the patch embeddings.
+  config.prompt_pool_param.embedding_key = "cls"
+
+  # Parameters whose path contains one of these substrings are not trained.
+  config.freeze_part = ("encoder", "embedding", "cls")
+  # Surrogate loss pulling the chosen keys towards the queries.
+  config.pull_constraint = True
+  config.pull_constraint_coeff = 1.0
+  # Write a histogram of chosen prompt ids at each evaluation.
+  config.prompt_histogram = True
+
+  # --- Data ----------------------------------------------------------------------------
+  # Benchmark: "cifar100", "5datasets", "core50", "imagenet_r" or "digits".
+  config.dataset = "cifar100"
+  # TFDS data directory (None: TFDS's default, ~/tensorflow_datasets).
+  config.data_dir = config_dict.placeholder(str)
+  config.gaussian_schedule = False
+  config.input_size = 224
+  config.resize_size = 256
+  # Pixels in [0, 1] (True) or [-1, 1].
+  config.norm_01 = True
+  config.shuffle_buffer_size = 10000
+  # Fraction of each task's training set to keep (-1: all).
+  config.subsample_rate = -1
+  # Train the tasks in reverse order.
+  config.reverse_task = False
+
+  # --- Continual protocol ------------------------------------------------------------
+  config.continual = ml_collections.ConfigDict()
+  config.continual.num_tasks = 10
+  config.continual.num_classes_per_task = 10
+  # -1: classes in label order; >= 0: a permutation seeded from this value.
+  config.continual.rand_seed = -1
+  # -1: `num_epochs` decide; > 0: train this many steps per task.
+  config.continual.num_train_steps_per_task = -1
+  # Logits of classes outside the current task are -inf during training.
+  config.continual.train_mask = True
+  # Evaluate with the task's own classes only (task-incremental accuracy).
+  config.continual.eval_task_inc = False
+
+  # --- Optimisation ----------------------------------------------------------------
+  config.per_device_batch_size = 16
+  config.optim = "adam"  # or "sgd" (Nesterov momentum)
+  config.sgd_momentum = 0.9
+  # Scaled by global_batch / 256.
+  config.learning_rate = 0.03
+  # "constant", "cosine" or "warmup_cosine" / "warmup_constant".
+  config.learning_rate_schedule = "constant"
+  config.warmup_epochs = 0
+  config.weight_decay = 0.0
+  config.grad_clip_max_norm = 1.0
+  # "full": clip by the norm of every gradient, frozen backbone included (the original);
+  # "trainable": clip the trainable gradients only and skip the frozen weight gradients.
+  config.grad_clip_mode = "full"
+  # Re-create the optimizer state at the start of every task.
+  config.reinit_optimizer = True
+  config.num_epochs = 5
+
+  # --- Evaluation, logging, checkpoints -----------------------------------------
+  # Evaluate only after the last task.
+  config.eval_last_only = False
+  # Also evaluate every this many epochs within a task (-1: only at the end of a task).
+  config.eval_per_epochs = -1
+  # Also evaluate every this many steps within a task (-1: never).
+  config.eval_every_steps = -1
+  # Evaluate at most this many batches per eval set (-1: all).
+  config.num_eval_steps = -1
+  # Compute the query ViT's features of each eval image once and reuse them.
+  config.cache_eval_query_features = True
+  config.log_loss_every_steps = 3
+  config.checkpoint_every_steps = 5000
+  # Keep only the latest checkpoint.
+  config.save_last_ckpt_only = True
+
+  config.seed = 42
+  # Repetition index: offsets the seed of parameter init and dropout.
+  config.trial = 0
+  return config

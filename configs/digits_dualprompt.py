@@ -1,0 +1,18 @@
+"""Embedded demo: DualPrompt on scikit-learn's digits (5 tasks x 2 classes), small ViT, CPU.
+
+  python main.py --my_config configs/digits_dualprompt.py --workdir=./runs/digits_dualprompt
+
+Needs no download and no checkpoint (random backbone, nothing frozen; see digits_l2p.py).
+"""
+
+from configs import cifar100_dualprompt
+from configs import common
+from configs import digits_l2p
+
+
+def get_config():
+  config = cifar100_dualprompt.set_dualprompt(common.get_base_config())
+  config = digits_l2p.set_demo(config)
+  config.g_prompt_length = 2
+  config.prompt_pool_param.length = 2
+  return config

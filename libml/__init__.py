@@ -1,0 +1,1 @@
+"""Training library: input pipeline, pretrained weights, optimizer, steps, metrics."""

@@ -1,0 +1,91 @@
+"""What a run writes for people: TensorBoard summaries and `results.json`."""
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from libml import continual_metrics
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + log writer on process 0, log-only elsewhere."""
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                              asynchronous=False)
+
+
+def write_hparams(writer, config: ml_collections.ConfigDict) -> None:
+  flat = {}
+
+  def visit(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        visit(name + ".", value)
+      else:
+        flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+  visit("", config)
+  writer.write_hparams(flat)
+
+
+def write_evaluation(writer, step: int, task: int, matrix: np.ndarray, results: Mapping[int, dict],
+                     *, histogram: bool) -> dict[str, float]:
+  """Writes `accuracy_i`, `eval_loss_i`, the continual metrics and prompt histograms.
+
+  Args:
+    writer: metric writer.
+    step: global train step.
+    task: task just trained; column of `matrix` filled by `results`.
+    matrix: [E, T] accuracy matrix (already holding this evaluation).
+    results: eval set -> Evaluator.evaluate output.
+    histogram: also write one histogram of chosen prompt ids per eval set.
+
+  Returns:
+    The scalars written.
+  """
+  scalars = {}
+  for i, r in results.items():
+    scalars[f"accuracy_{i}"] = r["accuracy"]
+    scalars[f"eval_loss_{i}"] = r["loss"]
+  scalars.update(continual_metrics.summarize(matrix, task))
+  writer.write_scalars(step, scalars)
+  if histogram:
+    hists = {f"prompt_idx_{i}": np.repeat(np.arange(len(r["prompt_counts"])), r["prompt_counts"])
+             for i, r in results.items() if r.get("prompt_counts") is not None}
+    if hists:
+      writer.write_histograms(step, hists)
+  writer.write_images(step, {"accuracy_matrix": continual_metrics.matrix_image(matrix)})
+  writer.flush()
+  return scalars
+
+
+def write_results(workdir: str, matrix: np.ndarray, config: ml_collections.ConfigDict,
+                  final: Mapping[str, Any]) -> str:
+  """Writes `workdir/results.json` atomically (process 0 only); returns its path."""
+  path = os.path.join(workdir, "results.json")
+  if jax.process_index() != 0:
+    return path
+  doc = {
+      "accuracy_matrix": continual_metrics.matrix_to_json(matrix),
+      "accuracy_matrix_layout": "rows: eval set (task) evaluated; columns: after training task",
+      **{k: float(v) for k, v in final.items()},
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(doc, f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def format_matrix(matrix: np.ndarray) -> str:
+  """Human-readable accuracy matrix for the log and the demo."""
+  header = "eval\\task " + " ".join(f"{t:>6d}" for t in range(matrix.shape[1]))
+  rows = [f"{i:>9d} " + " ".join("     -" if np.isnan(x) else f"{x:6.2f}" for x in row)
+          for i, row in enumerate(matrix)]
+  return "\n".join([header] + rows)

@@ -1,0 +1,165 @@
+"""Pure train and eval steps, written for one device's shard and run under `jax.pmap`.
+
+Static dependencies (modules, optimizer, options) are bound with keyword arguments;
+arrays (state, batch, query parameters, per-task arrays) are call arguments, so one
+compiled function serves every task.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from libml import optim
+
+AXIS = "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Hashable settings of the steps.
+
+  Attributes:
+    needs_query: run the frozen query ViT to get the prompt-matching query.
+    pull_coeff: weight of the surrogate loss (0 disables it).
+    train_mask: -inf logits for classes outside the current task during training.
+    clip_mode: 'full' (gradients of every parameter) or 'trainable'.
+    freeze_part: substrings naming frozen parameters.
+    base_lr: peak learning rate.
+    schedule: learning-rate schedule name.
+    pool_size: E-Prompt pool size (0 without a pool).
+    use_prompt_mask: force the task's prompt ids during training.
+  """
+  needs_query: bool
+  pull_coeff: float
+  train_mask: bool
+  clip_mode: str
+  freeze_part: tuple[str, ...]
+  base_lr: float
+  schedule: str
+  pool_size: int
+  use_prompt_mask: bool
+
+
+def query_features(query_model, query_params, images):
+  """[B, H, W, 3] images -> [B, D] class-token pre-logits of the frozen query ViT."""
+  _, aux = query_model.apply({"params": query_params}, images, train=False)
+  return jax.lax.stop_gradient(aux["pre_logits"])
+
+
+def _split(params, mask):
+  flat = flax.traverse_util.flatten_dict(params)
+  flat_mask = flax.traverse_util.flatten_dict(mask)
+  trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+  frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+  return trainable, frozen
+
+
+def _merge(*flat_parts):
+  merged = {}
+  for part in flat_parts:
+    merged.update(part)
+  return flax.traverse_util.unflatten_dict(merged)
+
+
+def train_step(state, batch, query_params, task, rng, *, model, query_model, tx, options: StepOptions):
+  """One optimisation step on one device's shard of the batch.
+
+  Args:
+    state: TrainState.
+    batch: {'image': [B, H, W, 3] float32, 'label': [B] int32}.
+    query_params: parameters of the frozen query ViT (unused without a query).
+    task: {'class_mask': [num_classes] bool, 'prompt_ids': [top_k] int32,
+      'total_steps': int32, 'warmup_steps': int32} for the current task.
+    rng: PRNG key shared by all devices; folded with the step and device index.
+
+  Returns:
+    (new_state, metrics) with metrics averaged over devices: loss, train_accuracy,
+    learning_rate, l2_grads (global norm of the gradients that clipping sees), reduce_sim.
+  """
+  images, labels = batch["image"], batch["label"]
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
+  cls_features = query_features(query_model, query_params, images) if options.needs_query else None
+  prompt_mask = None
+  if options.use_prompt_mask:
+    prompt_mask = jnp.broadcast_to(task["prompt_ids"], (labels.shape[0],) + task["prompt_ids"].shape)
+
+  # 'full' differentiates every parameter (the original); 'trainable' only the trainable
+  # ones, so no frozen weight gradient is computed and zeros stand in for them.
+  if options.clip_mode == "full":
+    wrt, to_params = state.params, lambda w: w
+  else:
+    trainable, frozen = _split(state.params, optim.trainable_mask(state.params, options.freeze_part))
+    wrt, to_params = trainable, lambda w: _merge(w, frozen)
+
+  def loss_fn(wrt):
+    logits, aux = model.apply({"params": to_params(wrt)}, images, cls_features=cls_features,
+                              prompt_mask=prompt_mask, train=True, rngs={"dropout": rng})
+    if options.train_mask:
+      logits = jnp.where(task["class_mask"], logits, -jnp.inf)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    reduce_sim = aux.get("reduce_sim", jnp.zeros(()))
+    if options.pull_coeff:
+      loss = loss - options.pull_coeff * reduce_sim
+    return loss, (logits, reduce_sim)
+
+  (loss, (logits, reduce_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(wrt)
+  if options.clip_mode != "full":
+    grads = _merge(grads, {k: jnp.zeros_like(v) for k, v in frozen.items()})
+  grads = jax.lax.pmean(grads, AXIS)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  lr = optim.learning_rate_at(state.task_step, base_lr=options.base_lr, schedule=options.schedule,
+                              warmup_steps=task["warmup_steps"], total_steps=task["total_steps"])
+  params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+  new_state = state.replace(step=state.step + 1, task_step=state.task_step + 1,
+                            params=params, opt_state=opt_state)
+  metrics = {
+      "loss": loss,
+      "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+      "learning_rate": lr,
+      "l2_grads": optax.global_norm(grads),
+      "reduce_sim": reduce_sim,
+  }
+  return new_state, jax.lax.pmean(metrics, AXIS)
+
+
+def eval_step(params, query_params, batch, class_mask, *, model, query_model, options: StepOptions):
+  """Counts on one device's shard of an eval batch, summed over devices.
+
+  Args:
+    params: model parameters.
+    query_params: query ViT parameters (used when the batch holds no 'cls_features').
+    batch: {'image': [B, H, W, 3], 'label': [B], 'mask': [B] bool, optional
+      'cls_features': [B, D] precomputed query features}.
+    class_mask: [num_classes] bool; logits outside it are -inf (task-incremental
+      evaluation), all True otherwise.
+
+  Returns:
+    {'correct', 'count', 'loss_sum': scalars, 'prompt_counts': [pool_size] int32}.
+  """
+  images, labels, valid = batch["image"], batch["label"], batch["mask"]
+  cls_features = batch.get("cls_features")
+  if cls_features is None and options.needs_query:
+    cls_features = query_features(query_model, query_params, images)
+  logits, aux = model.apply({"params": params}, images, cls_features=cls_features, vote_mask=valid, train=False)
+  logits = jnp.where(class_mask, logits, -jnp.inf)
+  weights = valid.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  out = {
+      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+      "count": jnp.sum(weights),
+      "loss_sum": jnp.sum(jnp.where(valid, losses, 0.0)),
+  }
+  if options.pool_size and "prompt_idx" in aux:
+    one_hot = jax.nn.one_hot(aux["prompt_idx"], options.pool_size, dtype=jnp.int32)
+    out["prompt_counts"] = jnp.sum(one_hot * valid[:, None, None].astype(jnp.int32), axis=(0, 1))
+  return jax.lax.psum(out, AXIS)
+
+
+def query_step(query_params, images, *, query_model):
+  """[B, H, W, 3] -> [B, D] query features, for caching eval features."""
+  return query_features(query_model, query_params, images)

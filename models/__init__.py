@@ -1,0 +1,1 @@
+"""ViT backbone, prefix attention and prompt modules."""

@@ -1,0 +1,205 @@
+"""The continual train/eval loop: tasks in order, evaluation after each, resumable.
+
+Everything else (data, model, steps, metrics, checkpoints, summaries) lives in `libml/`
+and `models/`; this module only sequences it.
+"""
+
+import functools
+import os
+
+from absl import logging
+from clu import periodic_actions
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from libml import checkpointing
+from libml import continual_metrics
+from libml import evaluation
+from libml import input_pipeline
+from libml import optim
+from libml import pretrained
+from libml import reporting
+from libml import steps
+from libml import train_state
+from models import factory
+
+
+def _step_options(config, global_batch: int) -> steps.StepOptions:
+  pool = config.use_e_prompt and config.prompt_pool
+  return steps.StepOptions(
+      needs_query=bool(pool and config.prompt_pool_param.embedding_key == "cls"),
+      pull_coeff=float(config.pull_constraint_coeff) if (pool and config.pull_constraint) else 0.0,
+      train_mask=bool(config.continual.train_mask),
+      clip_mode=config.grad_clip_mode,
+      freeze_part=tuple(config.freeze_part),
+      base_lr=optim.base_learning_rate(config, global_batch),
+      schedule=config.learning_rate_schedule,
+      pool_size=int(config.prompt_pool_param.pool_size) if pool else 0,
+      use_prompt_mask=bool(pool and config.prompt_pool_param.use_prompt_mask))
+
+
+def _initial_params(config, model, query_model, rng):
+  """(params, query_params): pretrained or random backbone; the query ViT is its copy."""
+  params = factory.init_params(model, rng, config.input_size)
+  if config.init_checkpoint:
+    params = pretrained.load_pretrained(config.init_checkpoint, params, config.model_name)
+  else:
+    logging.warning("No init_checkpoint given: the %s backbone is RANDOMLY initialised, not pretrained.",
+                    config.model_name)
+  query_keys = jax.eval_shape(lambda: factory.init_params(query_model, rng, config.input_size)).keys()
+  return params, {k: params[k] for k in query_keys}
+
+
+def _task_arrays(config, benchmark, task: int, options: steps.StepOptions) -> dict:
+  """Per-task arrays of the train step (replicated once per task)."""
+  class_mask = np.zeros([benchmark.num_classes], bool)
+  class_mask[benchmark.class_masks[task]] = True
+  top_k = config.prompt_pool_param.top_k
+  return {
+      "class_mask": class_mask,
+      "prompt_ids": np.arange(task * top_k, (task + 1) * top_k, dtype=np.int32) % max(options.pool_size, 1),
+      "total_steps": np.int32(benchmark.num_train_steps(task)),
+      "warmup_steps": np.int32(config.warmup_epochs * benchmark.steps_per_epoch(task)),
+  }
+
+
+class _Runner:
+  """Holds what the loop over tasks shares: compiled steps, writer, checkpointer."""
+
+  def __init__(self, config, workdir, benchmark):
+    self.config, self.workdir, self.benchmark = config, workdir, benchmark
+    global_batch = config.per_device_batch_size * jax.device_count()
+    model = factory.create_model(config, benchmark.num_classes)
+    query_model = factory.create_query_model(config, benchmark.num_classes)
+    rng = jax.random.PRNGKey(config.seed + config.trial)
+    init_rng, self.dropout_rng = jax.random.split(rng)
+    params, query_params = _initial_params(config, model, query_model, init_rng)
+    self.tx = optim.create_optimizer(config, params)
+    self.state = train_state.create(params, self.tx)
+    self.query_params = flax.jax_utils.replicate(query_params)
+    self.options = _step_options(config, global_batch)
+    # Built once; with `mask_first_epoch` a maskless twin serves the later epochs.
+    step_fn = functools.partial(steps.train_step, model=model, query_model=query_model, tx=self.tx)
+    self.train_step = jax.pmap(functools.partial(step_fn, options=self.options),
+                               axis_name=steps.AXIS, donate_argnums=(0,))
+    self.unmasked_train_step = jax.pmap(
+        functools.partial(step_fn, options=self.options.__class__(**{**self.options.__dict__,
+                                                                     "use_prompt_mask": False})),
+        axis_name=steps.AXIS, donate_argnums=(0,))
+    self.evaluator = evaluation.Evaluator(
+        benchmark, model, query_model, self.options,
+        cache_query_features=config.cache_eval_query_features, num_eval_steps=config.num_eval_steps,
+        task_incremental=config.continual.eval_task_inc)
+    self.writer = reporting.create_writer(workdir)
+    self.checkpointer = checkpointing.RunCheckpointer(workdir, keep_last_only=config.save_last_ckpt_only)
+
+  def evaluate(self, rstate, task: int, eval_sets) -> dict[int, dict]:
+    results = {i: self.evaluator.evaluate(rstate.params, self.query_params, i) for i in eval_sets}
+    for i, r in results.items():
+      logging.info("task %d: eval set %d accuracy %.2f%% (%d images)", task, i, r["accuracy"], r["count"])
+    return results
+
+  def save(self, rstate, progress) -> None:
+    self.checkpointer.save(train_state.host_copy(flax.jax_utils.unreplicate(rstate)), progress)
+
+  def train_task(self, task: int, progress: dict, report) -> None:
+    """Trains `task` from `progress['task_step']` to its end, with periodic evals and checkpoints."""
+    config, benchmark = self.config, self.benchmark
+    start, total = progress["task_step"], benchmark.num_train_steps(task)
+    if start == 0:
+      self.state = train_state.start_task(self.state, self.tx, reinit_optimizer=config.reinit_optimizer)
+      if config.prompt_pool_param.shared_prompt_pool or config.prompt_pool_param.shared_prompt_key:
+        self.state = self.state.replace(params=train_state.transfer_prompt_slots(
+            self.state.params, task, config.prompt_pool_param.top_k,
+            copy_prompt=config.prompt_pool_param.shared_prompt_pool,
+            copy_key=config.prompt_pool_param.shared_prompt_key))
+    logging.info("Task %d: steps %d..%d of %d (classes %s).", task, start, total, total,
+                 benchmark.class_masks[task].tolist())
+    per_epoch = benchmark.steps_per_epoch(task)
+    mask_steps = per_epoch if config.prompt_pool_param.mask_first_epoch else total
+    task_arrays = flax.jax_utils.replicate(_task_arrays(config, benchmark, task, self.options))
+    dropout_rng = flax.jax_utils.replicate(self.dropout_rng)
+    rstate = flax.jax_utils.replicate(self.state)
+    batches = flax.jax_utils.prefetch_to_device(
+        iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))), 2)
+    pending = []
+    first_global_step = int(self.state.step)
+    for task_step in range(start, total):
+      step_fn = self.train_step if task_step < mask_steps else self.unmasked_train_step
+      rstate, metrics = step_fn(rstate, next(batches), self.query_params, task_arrays, dropout_rng)
+      pending.append(metrics)
+      global_step = first_global_step + (task_step - start) + 1
+      report(global_step)
+      done = task_step + 1
+      if done % config.log_loss_every_steps == 0 or done == total:
+        self._log_train(global_step, task, done, pending)
+        pending = []
+      periodic_eval = ((config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or
+                       (config.eval_per_epochs > 0 and done % (per_epoch * config.eval_per_epochs) == 0))
+      if periodic_eval and done < total and not config.eval_last_only:
+        results = self.evaluate(rstate, task, benchmark.eval_sets_after(task) or [0])
+        self.writer.write_scalars(global_step, {f"accuracy_{i}": r["accuracy"] for i, r in results.items()})
+      if global_step % config.checkpoint_every_steps == 0:
+        self.save(rstate, {**progress, "task_step": done})
+    progress["task_step"] = total
+    self.state = flax.jax_utils.unreplicate(rstate)
+
+  def _log_train(self, global_step, task, done, pending) -> None:
+    values = jax.device_get(pending)
+    mean = {k: float(np.mean([np.asarray(v[k])[0] for v in values])) for k in values[0]}
+    if not np.isfinite(mean["loss"]):
+      raise FloatingPointError(f"Loss became {mean['loss']} in task {task} at step {done}.")
+    self.writer.write_scalars(global_step, mean)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the tasks of `config.dataset` in order, evaluating after each; resumes from `workdir`.
+
+  Returns:
+    The final continual metrics ({'avg_acc', 'forgetting', ...}) and 'accuracy_matrix'.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  benchmark = input_pipeline.create_benchmark(config)
+  runner = _Runner(config, workdir, benchmark)
+  progress = {"task": 0, "task_step": 0,
+              "accuracy_matrix": continual_metrics.matrix_to_json(
+                  np.full([benchmark.num_eval_sets, benchmark.num_tasks], np.nan))}
+  restored = runner.checkpointer.latest(runner.state)
+  if restored is None:
+    reporting.write_hparams(runner.writer, config)
+  else:
+    runner.state, progress = restored
+  matrix = continual_metrics.matrix_from_json(progress["accuracy_matrix"])
+  total_steps = sum(benchmark.num_train_steps(t) for t in range(benchmark.num_tasks))
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=runner.writer, every_secs=30)
+
+  final = {}
+  for task in range(progress["task"], benchmark.num_tasks):
+    if progress["task_step"] < benchmark.num_train_steps(task):
+      runner.train_task(task, progress, report)
+    eval_sets = [] if (config.eval_last_only and task < benchmark.num_tasks - 1) else benchmark.eval_sets_after(task)
+    if eval_sets:
+      rstate = flax.jax_utils.replicate(runner.state)
+      results = runner.evaluate(rstate, task, eval_sets)
+      for i, r in results.items():
+        matrix[i, task] = r["accuracy"]
+      final = reporting.write_evaluation(runner.writer, int(runner.state.step), task, matrix, results,
+                                         histogram=config.prompt_histogram and runner.options.pool_size > 0)
+      logging.info("After task %d:\n%s\n%s", task, reporting.format_matrix(matrix),
+                   {k: round(v, 2) for k, v in final.items() if not k.startswith(("accuracy_", "eval_loss_"))})
+    progress = {**progress, "task": task + 1, "task_step": 0,
+                "accuracy_matrix": continual_metrics.matrix_to_json(matrix)}
+    if eval_sets or task == benchmark.num_tasks - 1:
+      runner.save(flax.jax_utils.replicate(runner.state), progress)
+
+  last = max((t for t in range(benchmark.num_tasks) if not np.all(np.isnan(matrix[:, t]))), default=None)
+  summary = dict(continual_metrics.summarize(matrix, last)) if last is not None else {}
+  path = reporting.write_results(workdir, matrix, config, summary)
+  runner.writer.close()
+  runner.checkpointer.close()
+  logging.info("Final accuracy matrix:\n%s\nResults: %s", reporting.format_matrix(matrix), path)
+  return {**summary, "accuracy_matrix": matrix}
