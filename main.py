@@ -52,7 +52,15 @@ def _hide_accelerators_from_tensorflow() -> None:
       pass
 
 
+def _quiet_library_logs() -> None:
+  """Keeps orbax's per-save INFO lines out of the run log (warnings still show)."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+
+
 def main(argv):
+  _quiet_library_logs()
   if len(argv) > 1:
     _fail(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
   if FLAGS.my_config is None or FLAGS.workdir is None:
@@ -73,11 +81,23 @@ def main(argv):
                jax.process_count(), jax.local_devices(), jax.device_count())
   import train_continual  # pylint: disable=g-import-not-at-top
   try:
-    train_continual.train_and_evaluate(config, FLAGS.workdir)
+    results = train_continual.train_and_evaluate(config, FLAGS.workdir)
   except UserError as e:
     if FLAGS.traceback:
       traceback.print_exc()
     _fail(str(e))
+  if jax.process_index() == 0:
+    _print_summary(results, FLAGS.workdir)
+
+
+def _print_summary(results, workdir) -> None:
+  from libml import reporting  # pylint: disable=g-import-not-at-top
+  print("\nAccuracy matrix (%, rows: task evaluated, columns: after training task):")
+  print(reporting.format_matrix(results["accuracy_matrix"]))
+  for key in ("avg_acc", "forgetting", "backward", "learning_acc"):
+    if key in results:
+      print(f"{key:>13}: {results[key]:.2f}")
+  print(f"\nResults: {workdir}/results.json\nCurves:  tensorboard --logdir {workdir}")
 
 
 if __name__ == "__main__":

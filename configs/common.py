@@ -60,8 +60,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # At the start of task t > 0, copy the prompts (and keys) of task t - 1's slots into t's.
   config.prompt_pool_param.shared_prompt_pool = False
   config.prompt_pool_param.shared_prompt_key = False
-  # Majority vote of prompt ids over each group of `per_device_batch_size` images.
+  # Majority vote of prompt ids over each group of `vote_group_size` images.
   config.prompt_pool_param.batchwise_prompt = True
+  # -1: per_device_batch_size, as the original under pmap. Set it to 16 to reproduce an
+  # 8 x 16 run on one device with per_device_batch_size=128.
+  config.prompt_pool_param.vote_group_size = -1
   # Also vote at test time (the original's setting; False selects prompts per image).
   config.prompt_pool_param.batchwise_prompt_at_test = True
   # Query for key matching: "cls" (query ViT), "mean", "max" or "mean_max" of the patch embeddings.
@@ -87,7 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.norm_01 = True
   config.shuffle_buffer_size = 10000
   # Fraction of each task's training set to keep (-1: all).
-  config.subsample_rate = -1
+  config.subsample_rate = -1.0
   # Train the tasks in reverse order.
   config.reverse_task = False
 

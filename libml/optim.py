@@ -10,7 +10,6 @@ from typing import Any, Sequence
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from libml.errors import UserError
@@ -28,7 +27,7 @@ def trainable_mask(params: Any, freeze_part: Sequence[str]) -> Any:
   return flax.traverse_util.unflatten_dict(mask, sep="/")
 
 
-def create_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+def create_optimizer(config, params: Any) -> optax.GradientTransformation:
   """Clipping, then Adam/AdamW or Nesterov SGD on the trainable parameters only.
 
   Clipping sees every gradient passed in: with `grad_clip_mode='full'` that includes the
@@ -51,7 +50,7 @@ def create_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Gr
   return optax.chain(*parts)
 
 
-def base_learning_rate(config: ml_collections.ConfigDict, global_batch_size: int) -> float:
+def base_learning_rate(config, global_batch_size: int) -> float:
   """`learning_rate` scaled linearly by global batch / 256, as the original."""
   return config.learning_rate * global_batch_size / 256
 

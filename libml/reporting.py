@@ -12,10 +12,22 @@ from clu import metric_writers
 from libml import continual_metrics
 
 
+class _ScalarLoggingWriter(metric_writers.LoggingWriter):
+  """Logs scalars only: histograms and images belong in TensorBoard, not the text log."""
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_images(self, step, images):
+    del step, images
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + log writer on process 0, log-only elsewhere."""
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                              asynchronous=False)
+  """TensorBoard + log writer on process 0; nothing is written by the other processes."""
+  writers = [_ScalarLoggingWriter()]
+  if jax.process_index() == 0:
+    writers.append(metric_writers.SummaryWriter(workdir))
+  return metric_writers.MultiWriter(writers)
 
 
 def write_hparams(writer, config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,348 @@
+"""Continual-learning input pipeline: per-task train streams and eval sets.
+
+`create_benchmark(config)` returns a `Benchmark`. Everything random is a pure
+function of `config.seed` and (task, epoch, record), so `train_dataset(task,
+start_step)` yields exactly the batches an uninterrupted run yields from
+`start_step` on: a resumed run sees the same data. A task's training records
+are read once into host memory (still encoded) and replayed in seeded
+orders; skipping steps costs nothing. Eval sets stream from TFDS in record
+order, every example once, padded to whole batches with `mask` False.
+"""
+
+import math
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from libml import benchmarks
+from libml import preprocess
+from libml import record_sources
+from libml.errors import UserError
+
+# The tf.data functions here have no Python control flow on tensors; tracing
+# them directly skips autograph's source rewriting (seconds per pipeline).
+_no_autograph = tf.autograph.experimental.do_not_convert
+
+# Seeds of the different random choices, so that they never coincide.
+_SHUFFLE, _SUBSAMPLE, _AUGMENT, _GAUSSIAN = range(4)
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+  return np.random.default_rng([seed % 2**32, *keys])
+
+
+def _shuffle_order(n: int, buffer_size: int,
+                   rng: np.random.Generator) -> np.ndarray:
+  """Order of n records after a shuffle with a sliding buffer of buffer_size.
+
+  A buffer of at least n (or <= 0) gives a uniform permutation. A smaller one
+  mixes only nearby records, as tf.data's shuffle does.
+  """
+  if buffer_size <= 0 or buffer_size >= n:
+    return rng.permutation(n)
+  order = np.empty(n, np.int64)
+  buffer, upcoming = list(range(buffer_size)), buffer_size
+  for i, draw in enumerate(rng.random(n)):
+    j = int(draw * len(buffer))
+    order[i] = buffer[j]
+    if upcoming < n:
+      buffer[j], upcoming = upcoming, upcoming + 1
+    else:
+      buffer[j] = buffer[-1]
+      buffer.pop()
+  return order
+
+
+def _occurrence_rank(labels: np.ndarray) -> np.ndarray:
+  """k[i] = how many earlier entries of `labels` equal labels[i]."""
+  order = np.argsort(labels, kind='stable')
+  sorted_labels = labels[order]
+  starts = np.searchsorted(sorted_labels, sorted_labels, side='left')
+  ranks = np.empty(len(labels), np.int64)
+  ranks[order] = np.arange(len(labels)) - starts
+  return ranks
+
+
+class Benchmark:
+  """Data of one continual-learning run, as seen by this host.
+
+  Attributes:
+    name: benchmark name (config.dataset).
+    num_classes: size of the shared head.
+    num_tasks: number of tasks (episodes for the Gaussian schedule).
+    class_masks: per task, sorted int32 head ids trained in that task.
+    num_train_examples: per task, training examples on this host.
+    num_eval_sets: number of eval sets.
+  """
+
+  def __init__(self, layout: benchmarks.Layout,
+               source: record_sources.RecordSources, config, *,
+               num_local_devices: int, process_index: int,
+               process_count: int):
+    self.name = layout.name
+    self.num_classes = layout.num_classes
+    self.num_tasks = len(layout.train)
+    self.class_masks = layout.class_masks
+    self.num_eval_sets = len(layout.eval_sets)
+    self._layout, self._source = layout, source
+    self._host, self._hosts = process_index, process_count
+    self._num_devices = num_local_devices
+    self._batch = config.per_device_batch_size
+    self._local_batch = num_local_devices * config.per_device_batch_size
+    self._seed = config.get('seed', 0)
+    self._num_epochs = config.get('num_epochs', 1)
+    self._shuffle_buffer = config.get('shuffle_buffer_size', 0)
+    self._subsample_rate = config.get('subsample_rate', -1)
+    self._steps_per_task = config.get('continual', {}).get(
+        'num_train_steps_per_task', -1)
+    self._input_size = config.input_size
+    self._resize_size = config.get('resize_size', config.input_size)
+    self._norm_01 = config.get('norm_01', True)
+    self._cache = None
+    if layout.schedule is None:
+      self._train_ids = [self._host_train_ids(t) for t in range(self.num_tasks)]
+      self.num_train_examples = [len(ids) for ids in self._train_ids]
+    else:
+      self._train_ids = [self._host_shard(source.select(layout.train[0]))]
+      self.num_train_examples = [layout.schedule.shape[1] * self._local_batch
+                                 ] * self.num_tasks
+    for task, count in enumerate(self.num_train_examples):
+      if count == 0:
+        raise UserError(f'task {task} of {self.name} has no training examples '
+                        'on this host: raise subsample_rate or check the data')
+
+  # --- Which records. -------------------------------------------------------
+
+  def _host_shard(self, ids: np.ndarray) -> np.ndarray:
+    """Equal shares for every host, so that all run the same step count."""
+    return ids[:len(ids) - len(ids) % self._hosts][self._host::self._hosts]
+
+  def _host_train_ids(self, task: int) -> np.ndarray:
+    ids = self._source.select(self._layout.train[task])
+    if self._subsample_rate != -1:
+      if not 0 < self._subsample_rate <= 1:
+        raise UserError(f'subsample_rate={self._subsample_rate} must be -1 '
+                        '(all) or in (0, 1]')
+      keep = round(self._subsample_rate * len(ids))
+      rng = _rng(self._seed, _SUBSAMPLE, task)
+      ids = np.sort(rng.choice(ids, size=keep, replace=False))
+    return self._host_shard(ids)
+
+  # --- Steps. ---------------------------------------------------------------
+
+  def steps_per_epoch(self, task: int) -> int:
+    if self._layout.schedule is not None:
+      return self._layout.schedule.shape[1]
+    return max(1, self.num_train_examples[task] // self._local_batch)
+
+  def num_train_steps(self, task: int) -> int:
+    if self._layout.schedule is not None:
+      return self._layout.schedule.shape[1]
+    if self._steps_per_task > 0:
+      return self._steps_per_task
+    return self.steps_per_epoch(task) * self._num_epochs
+
+  # --- Training. ------------------------------------------------------------
+
+  def _train_part(self, task: int) -> tuple[benchmarks.Part, np.ndarray]:
+    """The task's Part and this host's record ids of it."""
+    if self._layout.schedule is not None:  # Every episode draws from one set.
+      return self._layout.train[0], self._train_ids[0]
+    return self._layout.train[task], self._train_ids[task]
+
+  def _train_records(self, task: int) -> dict:
+    """This host's encoded records of the task (the last task's are kept)."""
+    part, ids = self._train_part(task)
+    key = (part, ids.tobytes())
+    if self._cache is None or self._cache[0] != key:
+      self._cache = None  # Frees the previous task's records first.
+      self._cache = (key, self._source.load(part, ids))
+    return self._cache[1]
+
+  def _epoch_plan(self, task: int, first_step: int, num_steps: int):
+    """Rows (into the task's records) and augmentation keys, step by step."""
+    if first_step == num_steps:
+      return np.zeros([0], np.int64), np.zeros([0], np.int64)
+    part, ids = self._train_part(task)
+    split_size = self._source.split_size(part)
+    steps_per_epoch = self.steps_per_epoch(task)
+    need = steps_per_epoch * self._local_batch
+    rows, keys = [], []
+    for epoch in range(first_step // steps_per_epoch,
+                       math.ceil(num_steps / steps_per_epoch)):
+      rng = _rng(self._seed, _SHUFFLE, task, epoch)
+      # Drops the remainder; cycles when the task is smaller than one step.
+      order = np.concatenate([
+          _shuffle_order(len(ids), self._shuffle_buffer, rng)
+          for _ in range(math.ceil(need / len(ids)))])[:need]
+      rows.append(order)
+      # Key = (epoch, record): the same on every run and after a resume.
+      keys.append(epoch * split_size + ids[order])
+    skip = (first_step % steps_per_epoch) * self._local_batch
+    end = (num_steps - first_step) * self._local_batch + skip
+    return (np.concatenate(rows)[skip:end], np.concatenate(keys)[skip:end])
+
+  def _gaussian_plan(self, episode: int, first_step: int):
+    """Rows and augmentation keys of an episode of the Gaussian schedule.
+
+    Every slot takes the label the schedule gives it. The records of a class
+    are replayed in seeded permutations, each episode going on where the
+    earlier ones stopped, so an episode is a pure function of the seed.
+    """
+    schedule = self._layout.schedule
+    lo = self._host * self._local_batch
+    labels = schedule[:, :, lo:lo + self._local_batch]  # [E, B, local]
+    flat = labels[:episode + 1].reshape(-1)
+    start = (episode * schedule.shape[1] + first_step) * self._local_batch
+    ranks = _occurrence_rank(flat)[start:]
+    wanted = flat[start:]
+    records = self._train_records(episode)
+    rows = np.empty(len(wanted), np.int64)
+    for c in np.unique(wanted):
+      members = np.flatnonzero(records['label'] == c)
+      if not len(members):
+        raise UserError(f'class {c} of {self.name} has no training examples on '
+                        'this host; the Gaussian schedule needs every class')
+      here = wanted == c
+      rounds = int(ranks[here].max()) // len(members) + 1
+      cycle = np.concatenate([_rng(self._seed, _GAUSSIAN, int(c), r)
+                              .permutation(members) for r in range(rounds)])
+      rows[here] = cycle[ranks[here]]
+    # Key = position in the global stream: unique across hosts and episodes.
+    step = np.arange(len(wanted)) // self._local_batch + (
+        episode * schedule.shape[1] + first_step)
+    slot = lo + np.arange(len(wanted)) % self._local_batch
+    return rows, step * schedule.shape[2] + slot
+
+  def train_dataset(self, task: int, start_step: int = 0) -> tf.data.Dataset:
+    """Batches of `task` from `start_step` on, identical to an unbroken run.
+
+    Yields:
+      {'image': float32 [devices, per_device_batch, H, W, 3],
+       'label': int32 [devices, per_device_batch]}.
+    """
+    num_steps = self.num_train_steps(task)
+    if not 0 <= start_step <= num_steps:
+      raise ValueError(f'start_step {start_step} outside [0, {num_steps}]')
+    if self._layout.schedule is None:
+      rows, keys = self._epoch_plan(task, start_step, num_steps)
+    else:
+      rows, keys = self._gaussian_plan(task, start_step)
+    records = self._train_records(task)
+    task_seed = int(_rng(self._seed, _AUGMENT, task).integers(2**62))
+    decode = self._source.decoder(self._train_part(task)[0])
+    resize_only = not self._layout.augment
+
+    @_no_autograph
+    def prepare(image, label, key):
+      seed = tf.stack([tf.constant(task_seed, tf.int64), key])
+      image = preprocess.train_image(
+          decode(image), seed, resize_size=self._resize_size,
+          input_size=self._input_size, resize_only=resize_only)
+      return {'image': preprocess.normalize(image, self._norm_01),
+              'label': label}
+
+    ds = record_sources.replay(records, rows, keys)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    return self._batched(ds)
+
+  # --- Evaluation. ----------------------------------------------------------
+
+  def eval_dataset(self, eval_set: int) -> tf.data.Dataset:
+    """This host's share of eval set `eval_set`, every example once.
+
+    Yields:
+      {'image': float32 [devices, per_device_batch, H, W, 3],
+       'label': int32 [devices, per_device_batch],
+       'mask': bool [devices, per_device_batch] (False on padding)}.
+    All hosts yield the same number of batches.
+    """
+    part = self._layout.eval_sets[eval_set]
+    ids = self._source.select(part)
+    if not len(ids):
+      raise UserError(f'eval set {eval_set} of {self.name} is empty: check the '
+                      'prepared data')
+    per_host = math.ceil(len(ids) / self._hosts)
+    total = math.ceil(per_host / self._local_batch) * self._local_batch
+    local_ids = ids[self._host::self._hosts]
+    decode = self._source.decoder(part)
+    resize_only = not self._layout.augment
+
+    @_no_autograph
+    def prepare(example):
+      image = preprocess.eval_image(
+          decode(example['image']), resize_size=self._resize_size,
+          input_size=self._input_size, resize_only=resize_only)
+      return {'image': preprocess.normalize(image, self._norm_01),
+              'label': example['label'], 'mask': tf.constant(True)}
+
+    ds = self._source.stream(part, local_ids)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    size = self._input_size
+    padding = {'image': tf.zeros([size, size, 3]),
+               'label': tf.constant(0, tf.int32), 'mask': tf.constant(False)}
+    ds = ds.concatenate(
+        tf.data.Dataset.from_tensors(padding).repeat(total - len(local_ids)))
+    return self._batched(ds)
+
+  def eval_sets_after(self, task: int) -> list[int]:
+    return list(self._layout.eval_after[task])
+
+  def eval_set_classes(self, eval_set: int) -> np.ndarray:
+    return self._layout.eval_classes[eval_set]
+
+  def _batched(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """[devices, per_device_batch, ...] batches (one copy, then a reshape)."""
+    shape = [self._num_devices, self._batch]
+    ds = ds.batch(self._local_batch, drop_remainder=True)
+    ds = ds.map(_no_autograph(lambda batch: {
+        k: tf.reshape(v, shape + v.shape[1:]) for k, v in batch.items()}))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _keep_tensorflow_off_accelerators():
+  """tf.data runs on the host; the accelerators belong to JAX."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # Already initialised: nothing was placed there yet.
+    pass
+
+
+def _check_sizes(config):
+  for key, default in (('per_device_batch_size', 0), ('input_size', 0),
+                       ('num_epochs', 1)):
+    if (config.get(key, default) or 0) <= 0:
+      raise UserError(f'{key}={config.get(key)} must be a positive integer')
+
+
+def create_benchmark(config, *, num_local_devices: int | None = None,
+                     process_index: int | None = None,
+                     process_count: int | None = None) -> Benchmark:
+  """Builds the benchmark that `config.dataset` names (see benchmarks.TABLE).
+
+  Args:
+    config: the run's ConfigDict.
+    num_local_devices: devices fed by this host (default: jax's count).
+    process_index: this host's index (default: jax.process_index()).
+    process_count: number of hosts (default: jax.process_count()).
+
+  Raises:
+    UserError: unknown dataset, data not prepared, or inconsistent settings.
+  """
+  _keep_tensorflow_off_accelerators()
+  _check_sizes(config)
+  num_local_devices = num_local_devices or jax.local_device_count()
+  process_index = (jax.process_index() if process_index is None
+                   else process_index)
+  process_count = process_count or jax.process_count()
+  local_batch = num_local_devices * config.per_device_batch_size
+  layout = benchmarks.layout(config, global_batch=local_batch * process_count)
+  resize_size = config.get('resize_size', config.input_size)
+  if layout.augment and resize_size < config.input_size:
+    raise UserError(f'resize_size={resize_size} is smaller than '
+                    f'input_size={config.input_size}: the crop needs room')
+  source = record_sources.RecordSources(config.get('data_dir'),
+                                        num_classes=layout.num_classes)
+  return Benchmark(layout, source, config, num_local_devices=num_local_devices,
+                   process_index=process_index, process_count=process_count)

@@ -1,0 +1,223 @@
+"""Reading the records a benchmark `Part` names, in the split's record order.
+
+TFDS splits are read with images left encoded (decoding happens later, in
+parallel, after records are chosen), one file after another so that record
+i is the i-th record TFDS slicing counts. 'digits' is scikit-learn's bundled
+set, split here 80/20 (stratified, fixed seed). TFDS never downloads
+anything from here: a missing dataset is a UserError saying how to prepare it.
+"""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from libml import benchmarks
+from libml import preprocess
+from libml import tfds_builders
+from libml.errors import UserError
+
+# tf.data functions here are plain TensorFlow: no autograph rewriting needed.
+_no_autograph = tf.autograph.experimental.do_not_convert
+
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+
+
+@functools.cache
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """scikit-learn's digits, split once and for all.
+
+  Returns:
+    {'train'|'test': (indices int64 [n] into load_digits() in ascending
+    order, images float32 [n, 8, 8, 1] in 0..16, labels int64 [n])}.
+  """
+  # Imported here: scikit-learn is slow to import and only the digits need it.
+  # pylint: disable-next=g-import-not-at-top
+  from sklearn import datasets, model_selection
+  digits = datasets.load_digits()
+  train, test = model_selection.train_test_split(
+      np.arange(len(digits.target)), test_size=_DIGITS_TEST_FRACTION,
+      stratify=digits.target, random_state=_DIGITS_SPLIT_SEED)
+  images = digits.images.astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int64)
+  splits = {}
+  for name, ids in (('train', np.sort(train)), ('test', np.sort(test))):
+    splits[name] = (ids, images[ids], labels[ids])
+  return splits
+
+
+class RecordSources:
+  """Record access for every Part of one benchmark; caches labels and sizes."""
+
+  def __init__(self, data_dir: str | None, *, num_classes: int):
+    """`num_classes`: distinct labels a rank_labels split must hold."""
+    self._data_dir = data_dir
+    self._num_classes = num_classes
+    self._builders = {}
+    self._labels = {}
+    self._sizes = {}
+
+  # --- Raw records of a whole split. ----------------------------------------
+
+  def _builder(self, dataset: str) -> tfds.core.DatasetBuilder:
+    if dataset not in self._builders:
+      self._builders[dataset] = tfds.builder(dataset, data_dir=self._data_dir)
+    return self._builders[dataset]
+
+  def _not_prepared(self, dataset: str) -> str:
+    if dataset in tfds_builders.BUILDERS:
+      return tfds_builders.not_prepared_message(dataset, self._data_dir)
+    root = tfds_builders.data_dir_root(self._data_dir)
+    return (f'dataset {dataset!r} is not prepared in {root}: run `tfds build '
+            f'{dataset} --data_dir {root}` where the internet is reachable, '
+            'or set data_dir to a directory that holds it')
+
+  def _records(self, dataset: str, split: str) -> tf.data.Dataset:
+    """{'image': encoded string or float [8, 8, 1], 'label': int64}."""
+    if dataset == 'digits':
+      _, images, labels = digits_splits()[split]
+      return tf.data.Dataset.from_tensor_slices(
+          {'image': images, 'label': labels})
+    try:
+      ds = self._builder(dataset).as_dataset(
+          split=split, shuffle_files=False,
+          decoders={'image': tfds.decode.SkipDecoding()},
+          read_config=tfds.ReadConfig(interleave_cycle_length=1,
+                                      try_autocache=False))
+    except AssertionError as e:  # TFDS's way of saying "not prepared".
+      raise UserError(self._not_prepared(dataset)) from e
+    return ds.map(_no_autograph(
+        lambda ex: {'image': ex['image'], 'label': ex['label']}))
+
+  def _split_labels(self, dataset: str, split: str) -> np.ndarray:
+    """int64 [N]: the dataset label of every record of the split."""
+    key = (dataset, split)
+    if key not in self._labels:
+      ds = self._records(dataset, split).map(
+          _no_autograph(lambda ex: ex['label']))
+      batches = list(ds.batch(8192).as_numpy_iterator())
+      self._labels[key] = (np.concatenate(batches) if batches
+                           else np.zeros([0], np.int64))
+    return self._labels[key]
+
+  def _split_size(self, dataset: str, split: str) -> int:
+    key = (dataset, split)
+    if key not in self._sizes:
+      size = int(self._records(dataset, split).cardinality())
+      if size < 0:  # No split metadata: count.
+        size = len(self._split_labels(dataset, split))
+      self._sizes[key] = size
+    return self._sizes[key]
+
+  def _rank_table(self, part: benchmarks.Part) -> np.ndarray:
+    """int32 [max label + 1]: dataset label -> rank among the split's labels."""
+    present = np.unique(self._split_labels(part.dataset, part.split))
+    if len(present) != self._num_classes:
+      raise UserError(
+          f'{part.dataset} split {part.split!r} holds {len(present)} classes, '
+          f'not {self._num_classes}: prepare it again with `tfds build '
+          f'{part.dataset}`')
+    table = np.full(present.max() + 1, -1, np.int32)
+    table[present] = np.arange(len(present), dtype=np.int32)
+    return table
+
+  def _head_labels(self, part: benchmarks.Part) -> np.ndarray:
+    labels = self._split_labels(part.dataset, part.split)
+    if part.rank_labels:
+      labels = self._rank_table(part)[labels]
+    return labels.astype(np.int32) + part.label_offset
+
+  # --- Records of a Part. ---------------------------------------------------
+
+  def select(self, part: benchmarks.Part) -> np.ndarray:
+    """int64 [n] sorted indices, within the split, of the part's records."""
+    size = self._split_size(part.dataset, part.split)
+    # The rounding of TFDS's 'split[a%:b%]'.
+    lo, hi = (int(round(p * size / 100.0)) for p in part.percent)
+    ids = np.arange(lo, hi, dtype=np.int64)
+    if part.classes is not None:
+      heads = self._head_labels(part)[lo:hi]
+      ids = ids[np.isin(heads, np.asarray(part.classes))]
+    return ids
+
+  def stream(self, part: benchmarks.Part,
+             ids: np.ndarray) -> tf.data.Dataset:
+    """Records `ids` (sorted) of the part's split, in record order.
+
+    Yields:
+      {'image': encoded string (float [8, 8, 1] for digits),
+       'label': int32 head class id}.
+    """
+    keep = np.zeros(self._split_size(part.dataset, part.split), bool)
+    keep[ids] = True
+    keep = tf.constant(keep)
+    table = tf.constant(self._rank_table(part) if part.rank_labels
+                        else np.zeros([0], np.int32))
+    offset = part.label_offset
+
+    @_no_autograph
+    def head(_, example):
+      label = tf.cast(example['label'], tf.int32)
+      if part.rank_labels:
+        label = tf.gather(table, label)
+      return {'image': example['image'], 'label': label + offset}
+
+    # Records past the last one wanted are never read.
+    ds = self._records(part.dataset, part.split).take(
+        int(ids[-1]) + 1 if len(ids) else 0)
+    ds = ds.enumerate().filter(_no_autograph(lambda i, _: tf.gather(keep, i)))
+    return ds.map(head)
+
+  def load(self, part: benchmarks.Part, ids: np.ndarray) -> dict:
+    """Records `ids` in host memory, images still encoded.
+
+    Returns:
+      {'image': tf.Tensor string [n] (float32 [n, 8, 8, 1] for digits),
+       'label': np.ndarray int32 [n] head class ids}, in record order.
+    """
+    images, labels = [], []
+    for batch in self.stream(part, ids).batch(1024).as_numpy_iterator():
+      images.append(batch['image'])
+      labels.append(batch['label'])
+    if sum(len(b) for b in labels) != len(ids):
+      raise UserError(f'{part.dataset} split {part.split!r} changed while it '
+                      'was read: prepare it again')
+    return {'image': tf.constant(np.concatenate(images)),
+            'label': np.concatenate(labels)}
+
+  def decoder(self, part: benchmarks.Part):
+    """Function: stored image -> float32 [h, w, 3] in [0, 1]."""
+    if part.dataset == 'digits':
+      return lambda image: preprocess.to_float_rgb(image, max_value=16.0)
+    channels = self._builder(part.dataset).info.features['image'].shape[-1]
+
+    def decode(data):
+      image = tf.io.decode_image(data, channels=channels,
+                                 expand_animations=False)
+      return preprocess.to_float_rgb(
+          tf.ensure_shape(image, [None, None, channels]))
+
+    return decode
+
+  def split_size(self, part: benchmarks.Part) -> int:
+    return self._split_size(part.dataset, part.split)
+
+
+def replay(records: dict, rows: np.ndarray,
+           keys: np.ndarray) -> tf.data.Dataset:
+  """Records in the order `rows` gives, each with its augmentation key.
+
+  Args:
+    records: as `RecordSources.load` returns them.
+    rows: int64 [n] indices into the records.
+    keys: int64 [n] augmentation key of each element.
+
+  Yields:
+    (image as stored, int32 label, int64 key).
+  """
+  images, labels = records['image'], tf.constant(records['label'])
+  # Gathering from tensors held in memory: no Python per element.
+  return tf.data.Dataset.from_tensor_slices((rows, keys)).map(_no_autograph(
+      lambda row, key: (tf.gather(images, row), tf.gather(labels, row), key)))

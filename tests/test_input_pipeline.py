@@ -1,0 +1,327 @@
+"""Input pipeline: per-task data, eval coverage, determinism, every benchmark.
+
+TFDS is mocked (random records, nothing downloaded); expectations come from
+reading the mocked splits straight through TFDS, or from scikit-learn.
+"""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from libml import benchmarks
+from libml import gaussian_schedule
+from libml import input_pipeline
+from libml import preprocess
+from libml import record_sources
+from libml.errors import UserError
+from tests.data_fixtures import batches
+from tests.data_fixtures import pipeline_config
+from tests.data_fixtures import valid_labels
+
+_MOCK_EXAMPLES = 120
+
+
+@pytest.fixture(scope='module', autouse=True)
+def mock_tfds():
+  with tfds.testing.mock_data(num_examples=_MOCK_EXAMPLES,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+def _tfds_labels(name: str, split: str) -> np.ndarray:
+  ds = tfds.load(name, split=split,
+                 decoders={'image': tfds.decode.SkipDecoding()})
+  return np.array([int(ex['label']) for ex in tfds.as_numpy(ds)])
+
+
+def _create(config, devices=2, host=0, hosts=1):
+  return input_pipeline.create_benchmark(
+      config, num_local_devices=devices, process_index=host,
+      process_count=hosts)
+
+
+def _labels(batch_list) -> np.ndarray:
+  return np.concatenate([b['label'].ravel() for b in batch_list])
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['label'], y['label'])
+    np.testing.assert_array_equal(x['image'], y['image'])
+
+
+def test_cifar100_tasks_train_and_test_only_their_classes():
+  bench = _create(pipeline_config('cifar100', num_epochs=1))
+  train_truth = _tfds_labels('cifar100', 'train')
+  test_truth = _tfds_labels('cifar100', 'test')
+  assert (bench.name, bench.num_classes, bench.num_tasks) == ('cifar100', 100,
+                                                             10)
+  for task in (0, 7):
+    mask = np.arange(10 * task, 10 * task + 10)
+    np.testing.assert_array_equal(bench.class_masks[task], mask)
+    count = np.isin(train_truth, mask).sum()
+    assert bench.num_train_examples[task] == count
+    assert bench.steps_per_epoch(task) == max(1, count // 4)
+    train = batches(bench.train_dataset(task))
+    assert len(train) == bench.num_train_steps(task)
+    assert train[0]['image'].shape == (2, 2, 8, 8, 3)
+    assert train[0]['image'].dtype == np.float32
+    assert train[0]['label'].dtype == np.int32
+    assert all(0 <= b['image'].min() and b['image'].max() <= 1 for b in train)
+    assert set(_labels(train)) <= set(mask)
+    # Eval: every test example of the task once, in record order, then padding.
+    evals = batches(bench.eval_dataset(task))
+    np.testing.assert_array_equal(valid_labels(evals),
+                                  test_truth[np.isin(test_truth, mask)])
+    assert all(b['image'].shape == (2, 2, 8, 8, 3) for b in evals)
+    padding = sum((~b['mask']).sum() for b in evals)
+    assert 0 <= padding < 4 and len(evals) == -(-len(valid_labels(evals)) // 4)
+  assert bench.eval_sets_after(3) == [0, 1, 2, 3]
+  np.testing.assert_array_equal(bench.eval_set_classes(3), np.arange(30, 40))
+
+
+def test_norm_01_false_gives_minus_one_to_one():
+  bench = _create(pipeline_config('cifar100', norm_01=False))
+  (batch,) = batches(bench.train_dataset(0).take(1))
+  assert batch['image'].min() < -0.5 and batch['image'].max() <= 1.0
+  assert batch['image'].min() >= -1.0
+
+
+def test_same_seed_same_stream_other_seed_differs_and_resume_matches():
+  config = pipeline_config('cifar100', num_epochs=3)
+  full = batches(_create(config).train_dataset(2))
+  bench = _create(config)
+  _assert_same_batches(full, batches(bench.train_dataset(2)))
+  # A restart mid-run (here inside the second epoch) continues the stream.
+  start = bench.steps_per_epoch(2) + 1
+  _assert_same_batches(full[start:],
+                       batches(bench.train_dataset(2, start_step=start)))
+  other = batches(_create(pipeline_config('cifar100', num_epochs=3, seed=1))
+                  .train_dataset(2))
+  assert not all(np.array_equal(a['image'], b['image'])
+                 for a, b in zip(full, other))
+
+
+def test_class_order_seeded_reproducible_and_not_label_order():
+  config = pipeline_config('cifar100', **{'continual.rand_seed': 7})
+  masks = _create(config).class_masks
+  again = _create(config).class_masks
+  for a, b in zip(masks, again):
+    np.testing.assert_array_equal(a, b)
+  assert sorted(np.concatenate(masks)) == list(range(100))
+  assert any(not np.array_equal(m, np.arange(10 * t, 10 * t + 10))
+             for t, m in enumerate(masks))
+  other = benchmarks.class_order(100, 8)
+  assert not np.array_equal(other, benchmarks.class_order(100, 7))
+  bench = _create(config)
+  assert set(_labels(batches(bench.train_dataset(4)))) <= set(masks[4])
+
+
+def test_five_datasets_offsets_gray_to_rgb_and_not_mnist_80_20():
+  bench = _create(pipeline_config('5datasets', num_epochs=1,
+                                  **{'continual.num_tasks': 5}))
+  assert bench.num_classes == 50 and bench.num_tasks == 5
+  for task in range(5):
+    np.testing.assert_array_equal(bench.class_masks[task],
+                                  np.arange(10 * task, 10 * task + 10))
+  mnist = batches(bench.train_dataset(1))
+  assert set(_labels(mnist)) <= set(range(10, 20))
+  image = mnist[0]['image']
+  np.testing.assert_array_equal(image[..., 0], image[..., 2])  # Gray as RGB.
+  evals = batches(bench.eval_dataset(4))
+  np.testing.assert_array_equal(valid_labels(evals),
+                                _tfds_labels('fashion_mnist', 'test') + 40)
+  # notMNIST has one split: its first 80% of records train, the rest test.
+  assert bench.num_train_examples[3] == round(0.8 * _MOCK_EXAMPLES)
+  not_mnist = valid_labels(batches(bench.eval_dataset(3)))
+  np.testing.assert_array_equal(
+      not_mnist, _tfds_labels('not_mnist', 'train')[96:] + 30)
+
+
+def test_core50_domain_incremental_shared_test_set():
+  bench = _create(pipeline_config('core50', **{'continual.num_tasks': 8}))
+  assert (bench.num_classes, bench.num_tasks, bench.num_eval_sets) == (50, 8, 1)
+  assert all(bench.eval_sets_after(t) == [0] for t in range(8))
+  for mask in bench.class_masks + [bench.eval_set_classes(0)]:
+    np.testing.assert_array_equal(mask, np.arange(50))
+  assert bench.num_train_examples == [_MOCK_EXAMPLES] * 8
+  assert len(valid_labels(batches(bench.eval_dataset(0)))) == _MOCK_EXAMPLES
+
+
+def _fake_imagenet_r(labels: np.ndarray):
+  """`_as_dataset` stand-in: tiny JPEGs with the given ImageNet labels."""
+  jpegs = tf.constant([tf.io.encode_jpeg(np.full((6, 5, 3), v, np.uint8))
+                       .numpy() for v in (10, 200)])
+  num_records = len(labels)
+  labels = tf.constant(labels, tf.int64)
+
+  def as_dataset(self, split, decoders=None, read_config=None,
+                 shuffle_files=False):
+    del self, split, decoders, read_config, shuffle_files
+    ds = tf.data.Dataset.range(num_records).map(lambda i: {
+        'image': tf.gather(jpegs, i % 2), 'label': tf.gather(labels, i),
+        'file_name': tf.constant('x.jpg')})
+    return ds.apply(tf.data.experimental.assert_cardinality(num_records))
+
+  return as_dataset
+
+
+def test_imagenet_r_ranks_200_imagenet_ids_and_splits_records_80_20():
+  rng = np.random.default_rng(0)
+  ids = np.sort(rng.choice(1000, 200, replace=False))  # ImageNet-1k ids.
+  labels = rng.permutation(np.arange(500) % 200)  # Expected head ids: ranks.
+  with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r(ids[labels]),
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    bench = _create(pipeline_config('imagenet_r', num_epochs=1,
+                                    **{'continual.num_classes_per_task': 20}))
+    assert (bench.num_classes, bench.num_tasks) == (200, 10)
+    for task in (0, 9):
+      mask = np.arange(20 * task, 20 * task + 20)
+      np.testing.assert_array_equal(bench.class_masks[task], mask)
+      assert bench.num_train_examples[task] == np.isin(labels[:400], mask).sum()
+      assert set(_labels(batches(bench.train_dataset(task)))) <= set(mask)
+      np.testing.assert_array_equal(
+          valid_labels(batches(bench.eval_dataset(task))),
+          labels[400:][np.isin(labels[400:], mask)])
+  with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r(ids[labels % 150]),
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(UserError, match='150 classes, not 200'):
+      _create(pipeline_config('imagenet_r',
+                              **{'continual.num_classes_per_task': 20}))
+
+
+def _digits_config(**overrides):
+  return pipeline_config('digits', **{
+      'input_size': 8, 'resize_size': 8, 'num_epochs': 2,
+      'continual.num_tasks': 5, 'continual.num_classes_per_task': 2,
+      **overrides})
+
+
+def test_digits_five_tasks_of_two_disjoint_train_test_every_epoch_whole():
+  from sklearn import datasets  # The expectation, read independently.
+  digits = datasets.load_digits()
+  splits = record_sources.digits_splits()
+  train_ids, test_ids = splits['train'][0], splits['test'][0]
+  assert not set(train_ids) & set(test_ids)
+  assert len(train_ids) + len(test_ids) == len(digits.target)
+  bench = _create(_digits_config())
+  assert (bench.num_classes, bench.num_tasks) == (10, 5)
+  assert sum(bench.num_train_examples) == len(train_ids)
+  task_ids = train_ids[np.isin(digits.target[train_ids], [2, 3])]
+  np.testing.assert_array_equal(bench.class_masks[1], [2, 3])
+  # input_size 8 = source size: each image is exactly the digit / 16, as RGB.
+  expected = collections.Counter(
+      d.tobytes() for d in np.repeat(digits.images[task_ids, :, :, None] / 16,
+                                     3, -1).astype(np.float32))
+  train = batches(bench.train_dataset(1))
+  per_epoch = bench.steps_per_epoch(1)
+  assert per_epoch == len(task_ids) // 4
+  epochs = [np.concatenate([b['image'].reshape(-1, 8, 8, 3)
+                            for b in train[e * per_epoch:(e + 1) * per_epoch]])
+            for e in range(2)]
+  for images in epochs:  # Each epoch: a fresh order, no example twice.
+    got = collections.Counter(i.tobytes() for i in images)
+    assert sum(got.values()) == per_epoch * 4 and not got - expected
+  assert not np.array_equal(epochs[0], epochs[1])
+  counts = [len(valid_labels(batches(bench.eval_dataset(s)))) for s in range(5)]
+  assert sum(counts) == len(test_ids)
+
+
+def test_hosts_share_train_equally_and_eval_exactly_once():
+  config = _digits_config()
+  single = _create(config)
+  hosts = [_create(config, host=h, hosts=2) for h in range(2)]
+  n = single.num_train_examples[0]
+  assert [h.num_train_examples[0] for h in hosts] == [n // 2] * 2
+  assert hosts[0].num_train_steps(0) == hosts[1].num_train_steps(0)
+  whole = batches(single.eval_dataset(0))
+  shares = [batches(h.eval_dataset(0)) for h in hosts]
+  assert len(shares[0]) == len(shares[1])
+  key = lambda bl: sorted(
+      (int(l), i.tobytes()) for b in bl
+      for l, i, m in zip(b['label'].ravel(), b['image'].reshape(-1, 8, 8, 3),
+                         b['mask'].ravel()) if m)
+  assert sorted(key(shares[0]) + key(shares[1])) == key(whole)
+
+
+def test_gaussian_schedule_drives_labels_masks_and_eval_times():
+  config = _digits_config(gaussian_schedule=True,
+                          **{'continual.num_tasks': 12})
+  bench = _create(config)
+  schedule = gaussian_schedule.episode_labels(
+      num_classes=10, num_episodes=12, batches_per_episode=5, batch_size=4,
+      seed=config.seed)
+  assert bench.num_tasks == 12 and bench.num_train_steps(3) == 5
+  for episode in (0, 11):
+    got = np.stack([b['label'] for b in batches(bench.train_dataset(episode))])
+    np.testing.assert_array_equal(got.reshape(5, 4), schedule[episode])
+    np.testing.assert_array_equal(bench.class_masks[episode],
+                                  np.unique(schedule[episode]))
+  full = batches(bench.train_dataset(6))
+  _assert_same_batches(full[2:], batches(bench.train_dataset(6, start_step=2)))
+  assert [t for t in range(12) if bench.eval_sets_after(t)] == [9, 11]
+  assert bench.eval_sets_after(9) == [0]
+  np.testing.assert_array_equal(bench.eval_set_classes(0), np.arange(10))
+  steps = pipeline_config('digits', gaussian_schedule=True,
+                          **{'continual.num_train_steps_per_task': 3})
+  assert _create(steps).num_train_steps(0) == 3
+
+
+def test_subsample_rate_steps_cap_and_reverse_task():
+  base = _digits_config()
+  full = _create(base)
+  half = _create(_digits_config(subsample_rate=0.5))
+  assert half.num_train_examples == [round(n / 2) for n in
+                                     full.num_train_examples]
+  capped = _create(_digits_config(**{'continual.num_train_steps_per_task': 7}))
+  assert capped.num_train_steps(0) == 7
+  assert len(batches(capped.train_dataset(0))) == 7
+  reverse = _create(_digits_config(reverse_task=True))
+  np.testing.assert_array_equal(reverse.class_masks[0], [8, 9])
+  assert set(valid_labels(batches(reverse.eval_dataset(0)))) == {8, 9}
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'dataset': 'cifar1000'},
+     "unknown dataset 'cifar1000': choose one of 5datasets, cifar100, core50, "
+     'digits, imagenet_r'),
+    ({'continual.num_tasks': 11}, 'does not fit the 100 classes'),
+    ({'resize_size': 4}, 'resize_size=4 is smaller than input_size=8'),
+    ({'subsample_rate': 2.0}, 'subsample_rate=2.0'),
+])
+def test_bad_settings_are_one_line_user_errors(overrides, match):
+  config = pipeline_config(overrides.pop('dataset', 'cifar100'), **overrides)
+  with pytest.raises(UserError, match=match) as error:
+    _create(config)
+  assert '\n' not in str(error.value)
+
+
+def test_preprocess_matches_resize_crop_resize_flip():
+  image = tf.constant(np.random.default_rng(0).random((12, 9, 3)), tf.float32)
+  flips = set()
+  for i in range(12):
+    seed = tf.constant([5, i], tf.int64)
+    got = preprocess.train_image(image, seed, resize_size=16, input_size=10)
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=2))
+    begin, size = preprocess.sample_crop(crop_seed, 16)
+    area = float(tf.reduce_prod(size)) / 16**2
+    assert 0.05 - 1e-6 <= area <= 1.0
+    crop = tf.image.resize(image, [16, 16])[begin[0]:begin[0] + size[0],
+                                             begin[1]:begin[1] + size[1]]
+    want = tf.image.resize(crop, [10, 10])
+    flip = bool(tf.random.stateless_uniform([], flip_seed) < 0.5)
+    flips.add(flip)
+    if flip:
+      want = want[:, ::-1]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  assert flips == {True, False}
+  evaluated = preprocess.eval_image(image, resize_size=16, input_size=10)
+  np.testing.assert_allclose(evaluated,
+                             tf.image.resize(image, [16, 16])[3:13, 3:13])
+  gray = preprocess.to_float_rgb(tf.constant([[[255]], [[0]]], tf.uint8))
+  np.testing.assert_array_equal(gray, [[[1, 1, 1]], [[0, 0, 0]]])
