@@ -1,0 +1,81 @@
+"""End-to-end runs of the continual loop on the embedded digits benchmark (2 CPU devices)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_continual
+from tests import e2e_util
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path):
+  workdir = str(tmp_path / "run")
+  out = train_continual.train_and_evaluate(e2e_util.tiny_digits_config(), workdir)
+  matrix = np.asarray(out["accuracy_matrix"])
+  assert matrix.shape == (2, 2)
+  assert np.isnan(matrix[1, 0]) and not np.isnan(matrix[:, 1]).any()
+  with open(os.path.join(workdir, "results.json")) as f:
+    doc = json.load(f)
+  assert np.array(doc["accuracy_matrix"], dtype=float).shape == (2, 2)
+  assert doc["avg_acc"] == pytest.approx(np.mean(matrix[:, 1]))
+  assert doc["forgetting"] == pytest.approx(matrix[0, 0] - matrix[0, 1])
+  assert doc["config"]["dataset"] == "digits"
+  tags = e2e_util.scalar_tags(workdir)
+  for tag in ("accuracy_0", "accuracy_1", "avg_acc", "forgetting", "loss", "train_accuracy",
+              "learning_rate", "l2_grads", "eval_loss_0", "backward", "learning_acc"):
+    assert tag in tags, tag
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, monkeypatch):
+  config = e2e_util.tiny_digits_config()
+  reference = train_continual.train_and_evaluate(config, str(tmp_path / "reference"))
+
+  class Stop(Exception):
+    pass
+
+  original = train_continual._Runner.save
+  calls = []
+
+  def save_then_stop(self, rstate, progress):
+    original(self, rstate, progress)
+    calls.append(progress)
+    if progress["task"] == 1 and 0 < progress["task_step"] < 4:
+      raise Stop()  # Dies right after a mid-task checkpoint of task 2.
+
+  monkeypatch.setattr(train_continual._Runner, "save", save_then_stop)
+  workdir = str(tmp_path / "interrupted")
+  with pytest.raises(Stop):
+    train_continual.train_and_evaluate(config, workdir)
+  assert calls[-1]["task"] == 1 and calls[-1]["task_step"] == 2
+  monkeypatch.setattr(train_continual._Runner, "save", original)
+  resumed = train_continual.train_and_evaluate(config, workdir)
+  np.testing.assert_array_equal(resumed["accuracy_matrix"], reference["accuracy_matrix"])
+  # The finished first task was not retrained: its column came from the checkpoint.
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["avg_acc"] == pytest.approx(reference["avg_acc"])
+
+
+def _run_subprocess(workdir, num_devices, per_device_batch, vote_group):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--my_config", os.path.join(ROOT, "configs/digits_l2p.py"),
+         f"--workdir={workdir}", "--my_config.continual.num_tasks=2",
+         "--my_config.continual.num_train_steps_per_task=3", f"--my_config.per_device_batch_size={per_device_batch}",
+         f"--my_config.prompt_pool_param.vote_group_size={vote_group}"]
+  subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+  with open(os.path.join(workdir, "results.json")) as f:
+    return np.array(json.load(f)["accuracy_matrix"], dtype=float)
+
+
+@pytest.mark.slow
+def test_one_and_two_devices_agree_for_the_same_global_batch(tmp_path):
+  one = _run_subprocess(str(tmp_path / "one"), 1, 16, 8)
+  two = _run_subprocess(str(tmp_path / "two"), 2, 8, 8)
+  np.testing.assert_allclose(one, two, atol=1e-6, equal_nan=True)
