@@ -4,6 +4,7 @@ Everything else (data, model, steps, metrics, checkpoints, summaries) lives in `
 and `models/`; this module only sequences it.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -28,20 +29,6 @@ from libml import train_state
 from models import factory
 
 
-def _step_options(config, global_batch: int) -> steps.StepOptions:
-  pool = config.use_e_prompt and config.prompt_pool
-  return steps.StepOptions(
-      needs_query=bool(pool and config.prompt_pool_param.embedding_key == "cls"),
-      pull_coeff=float(config.pull_constraint_coeff) if (pool and config.pull_constraint) else 0.0,
-      train_mask=bool(config.continual.train_mask),
-      clip_mode=config.grad_clip_mode,
-      freeze_part=tuple(config.freeze_part),
-      base_lr=optim.base_learning_rate(config, global_batch),
-      schedule=config.learning_rate_schedule,
-      pool_size=int(config.prompt_pool_param.pool_size) if pool else 0,
-      use_prompt_mask=bool(pool and config.prompt_pool_param.use_prompt_mask))
-
-
 def _initial_params(config, model, query_model, rng):
   """(params, query_params): pretrained or random backbone; the query ViT is its copy."""
   params = factory.init_params(model, rng, config.input_size)
@@ -50,7 +37,7 @@ def _initial_params(config, model, query_model, rng):
   else:
     logging.warning("No init_checkpoint given: the %s backbone is RANDOMLY initialised, not pretrained.",
                     config.model_name)
-  query_keys = jax.eval_shape(lambda: factory.init_params(query_model, rng, config.input_size)).keys()
+  query_keys = factory.param_shapes(query_model, config.input_size).keys()
   return params, {k: params[k] for k in query_keys}
 
 
@@ -80,15 +67,14 @@ class _Runner:
     params, query_params = _initial_params(config, model, query_model, init_rng)
     self.tx = optim.create_optimizer(config, params)
     self.state = train_state.create(params, self.tx)
-    self.query_params = flax.jax_utils.replicate(query_params)
-    self.options = _step_options(config, global_batch)
+    self.query_params = steps.replicate(query_params)
+    self.options = steps.StepOptions.from_config(config, global_batch)
     # Built once; with `mask_first_epoch` a maskless twin serves the later epochs.
     step_fn = functools.partial(steps.train_step, model=model, query_model=query_model, tx=self.tx)
     self.train_step = jax.pmap(functools.partial(step_fn, options=self.options),
                                axis_name=steps.AXIS, donate_argnums=(0,))
     self.unmasked_train_step = jax.pmap(
-        functools.partial(step_fn, options=self.options.__class__(**{**self.options.__dict__,
-                                                                     "use_prompt_mask": False})),
+        functools.partial(step_fn, options=dataclasses.replace(self.options, use_prompt_mask=False)),
         axis_name=steps.AXIS, donate_argnums=(0,))
     self.evaluator = evaluation.Evaluator(
         benchmark, model, query_model, self.options,
@@ -121,11 +107,10 @@ class _Runner:
                  benchmark.class_masks[task].tolist())
     per_epoch = benchmark.steps_per_epoch(task)
     mask_steps = per_epoch if config.prompt_pool_param.mask_first_epoch else total
-    task_arrays = flax.jax_utils.replicate(_task_arrays(config, benchmark, task, self.options))
-    dropout_rng = flax.jax_utils.replicate(self.dropout_rng)
-    rstate = flax.jax_utils.replicate(self.state)
-    batches = flax.jax_utils.prefetch_to_device(
-        iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))), 2)
+    task_arrays = steps.replicate(_task_arrays(config, benchmark, task, self.options))
+    dropout_rng = steps.replicate(self.dropout_rng)
+    rstate = steps.replicate(self.state)
+    batches = steps.device_batches(iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))))
     pending = []
     first_global_step = int(self.state.step)
     for task_step in range(start, total):
@@ -183,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       runner.train_task(task, progress, report)
     eval_sets = [] if (config.eval_last_only and task < benchmark.num_tasks - 1) else benchmark.eval_sets_after(task)
     if eval_sets:
-      rstate = flax.jax_utils.replicate(runner.state)
+      rstate = steps.replicate(runner.state)
       results = runner.evaluate(rstate, task, eval_sets)
       for i, r in results.items():
         matrix[i, task] = r["accuracy"]
@@ -194,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = {**progress, "task": task + 1, "task_step": 0,
                 "accuracy_matrix": continual_metrics.matrix_to_json(matrix)}
     if eval_sets or task == benchmark.num_tasks - 1:
-      runner.save(flax.jax_utils.replicate(runner.state), progress)
+      runner.save(steps.replicate(runner.state), progress)
 
   last = max((t for t in range(benchmark.num_tasks) if not np.all(np.isnan(matrix[:, t]))), default=None)
   summary = dict(continual_metrics.summarize(matrix, last)) if last is not None else {}

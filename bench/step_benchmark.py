@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +46,7 @@ _INPUT_SIZE = flags.DEFINE_integer("input_size", 224, "Image side in pixels.")
 _GLOBAL_BATCH = flags.DEFINE_integer("global_batch", None, "Images per step over all devices; "
                                      "default: per_device_batch_size x devices.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype; default: the config's.")
-_ATTENTION = flags.DEFINE_enum("attention_impl", None, ["xla", "fused"], "Attention kernel; default: the config's.")
+_ATTENTION = flags.DEFINE_enum("attention_impl", None, ["xla", "fused", "cudnn"], "Attention kernel; default: the config's.")
 _CLIP_MODE = flags.DEFINE_enum("clip_mode", "both", ["full", "trainable", "both"], "Gradient clipping mode(s).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (the first compiles).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
@@ -72,21 +71,6 @@ def load_config(name: str):
   config.dtype = _DTYPE.value or config.dtype
   config.attention_impl = _ATTENTION.value or config.attention_impl
   return config
-
-
-def step_options(config, global_batch: int, clip_mode: str) -> steps.StepOptions:
-  """The train loop's step options for `config`, with `clip_mode`."""
-  pool = config.use_e_prompt and config.prompt_pool
-  return steps.StepOptions(
-      needs_query=bool(pool and config.prompt_pool_param.embedding_key == "cls"),
-      pull_coeff=float(config.pull_constraint_coeff) if (pool and config.pull_constraint) else 0.0,
-      train_mask=bool(config.continual.train_mask),
-      clip_mode=clip_mode,
-      freeze_part=tuple(config.freeze_part),
-      base_lr=optim.base_learning_rate(config, global_batch),
-      schedule=config.learning_rate_schedule,
-      pool_size=int(config.prompt_pool_param.pool_size) if pool else 0,
-      use_prompt_mask=bool(pool and config.prompt_pool_param.use_prompt_mask))
 
 
 def generated_batch(rng, per_device: int, input_size: int, num_labels: int) -> dict:
@@ -137,7 +121,7 @@ def random_params(model, input_size: int, seed: int):
   The step's speed does not depend on the values, and this skips compiling the
   initializers (which takes longer than compiling the train step on CPU).
   """
-  shapes = jax.eval_shape(lambda: factory.init_params(model, jax.random.PRNGKey(seed), input_size))
+  shapes = factory.param_shapes(model, input_size)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype), shapes)
 
@@ -152,18 +136,18 @@ class Bench:
     self.query_model = factory.create_query_model(config, num_classes)
     init_rng, data_rng, self.dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     self.params = random_params(self.model, config.input_size, config.seed)
-    query_keys = jax.eval_shape(lambda: factory.init_params(self.query_model, init_rng, config.input_size)).keys()
-    self.query_params = flax.jax_utils.replicate({k: self.params[k] for k in query_keys})
+    query_keys = factory.param_shapes(self.query_model, config.input_size).keys()
+    self.query_params = steps.replicate({k: self.params[k] for k in query_keys})
     task_classes = min(config.continual.num_classes_per_task, num_classes)
     self.batch = generated_batch(data_rng, global_batch // jax.device_count(), config.input_size, task_classes)
     top_k, pool = config.prompt_pool_param.top_k, config.prompt_pool_param.pool_size
-    self.task = flax.jax_utils.replicate({
+    self.task = steps.replicate({
         "class_mask": np.arange(num_classes) < task_classes,
         "prompt_ids": np.arange(top_k, dtype=np.int32) % pool,
         "total_steps": np.int32(warmup + num_steps), "warmup_steps": np.int32(0)})
 
   def options(self, clip_mode: str) -> steps.StepOptions:
-    return step_options(self.config, self.global_batch, clip_mode)
+    return steps.StepOptions.from_config(self.config, self.global_batch, clip_mode)
 
   def time_train(self, clip_mode: str):
     """(seconds of each timed train step, final replicated state, last loss)."""
@@ -171,11 +155,8 @@ class Bench:
     train = jax.pmap(functools.partial(steps.train_step, model=self.model, query_model=self.query_model,
                                        tx=tx, options=self.options(clip_mode)),
                      axis_name=steps.AXIS, donate_argnums=(0,))
-    # Replicated over an axis named like the step's, so the state already has the
-    # sharding the step returns; otherwise the second step compiles again.
-    state = flax.jax_utils.replicate(train_state.host_copy(train_state.create(self.params, tx)),
-                                     axis_name=steps.AXIS)
-    rng = flax.jax_utils.replicate(self.dropout_rng)
+    state = steps.replicate(train_state.host_copy(train_state.create(self.params, tx)))
+    rng = steps.replicate(self.dropout_rng)
     step = lambda carry: train(carry[0], self.batch, self.query_params, self.task, rng)
     seconds, (state, metrics) = time_steps(step, (state, None), self.warmup, self.num_steps)
     return seconds, state, float(np.asarray(metrics["loss"])[0])
@@ -190,7 +171,7 @@ class Bench:
     evaluate = jax.pmap(functools.partial(steps.eval_step, model=self.model, query_model=self.query_model,
                                           options=options), axis_name=steps.AXIS)
     query = jax.pmap(functools.partial(steps.query_step, query_model=self.query_model), axis_name=steps.AXIS)
-    class_mask = flax.jax_utils.replicate(np.ones([self.model.num_classes], bool))
+    class_mask = steps.replicate(np.ones([self.model.num_classes], bool))
     cached = {**self.batch, "cls_features": query(self.query_params, self.batch["image"])}
     out = {}
     for name, batch in (("cached_query", cached), ("with_query", self.batch)):

@@ -29,7 +29,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Compute dtype of activations and matmuls ("float32" or "bfloat16"); parameters,
   # optimizer state and loss stay float32.
   config.dtype = "float32"
-  # "xla": explicit softmax attention; "fused": jax.nn.dot_product_attention (cuDNN on GPU).
+  # "xla": explicit softmax attention; "fused": jax.nn.dot_product_attention with the kernel
+  # JAX picks; "cudnn": the same with cuDNN flash attention (NVIDIA GPUs, bfloat16 only).
   config.attention_impl = "xla"
 
   # --- G-Prompt (DualPrompt) -------------------------------------------------------

@@ -3,7 +3,6 @@
 import functools
 from typing import Any
 
-import flax.jax_utils
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
@@ -36,7 +35,7 @@ class Evaluator:
     dataset = self._benchmark.eval_dataset(eval_set)
     if self._num_eval_steps > 0:
       dataset = dataset.take(self._num_eval_steps)
-    return flax.jax_utils.prefetch_to_device(iter(tfds.as_numpy(dataset)), 2)
+    return steps.device_batches(iter(tfds.as_numpy(dataset)))
 
   def _class_mask(self, eval_set: int) -> np.ndarray:
     mask = np.ones([self._benchmark.num_classes], bool)

@@ -9,8 +9,10 @@ import dataclasses
 from typing import Any
 
 import flax
+import flax.jax_utils
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from libml import optim
@@ -42,6 +44,37 @@ class StepOptions:
   schedule: str
   pool_size: int
   use_prompt_mask: bool
+
+  @classmethod
+  def from_config(cls, config, global_batch: int, clip_mode: str | None = None) -> "StepOptions":
+    """The options `config` asks for at `global_batch` images per step."""
+    pool = config.use_e_prompt and config.prompt_pool
+    return cls(
+        needs_query=bool(pool and config.prompt_pool_param.embedding_key == "cls"),
+        pull_coeff=float(config.pull_constraint_coeff) if (pool and config.pull_constraint) else 0.0,
+        train_mask=bool(config.continual.train_mask),
+        clip_mode=clip_mode or config.grad_clip_mode,
+        freeze_part=tuple(config.freeze_part),
+        base_lr=optim.base_learning_rate(config, global_batch),
+        schedule=config.learning_rate_schedule,
+        pool_size=int(config.prompt_pool_param.pool_size) if pool else 0,
+        use_prompt_mask=bool(pool and config.prompt_pool_param.use_prompt_mask))
+
+
+def replicate(tree):
+  """Copies `tree` to every local device, sharded the way the pmapped steps return it.
+
+  Using the steps' own axis name keeps the input sharding of the first call equal to that
+  of later calls, so the steps compile once. Leaves go through host numpy, which stacks
+  without compiling a device op per leaf shape.
+  """
+  host = jax.tree.map(np.asarray, jax.device_get(tree))
+  return flax.jax_utils.replicate(host, axis_name=AXIS)
+
+
+def device_batches(iterator, size: int = 2):
+  """Numpy batches [devices, B, ...] -> device-sharded batches, `size` in flight."""
+  return flax.jax_utils.prefetch_to_device(iterator, size, axis_name=AXIS)
 
 
 def query_features(query_model, query_params, images):

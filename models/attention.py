@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-ATTENTION_IMPLS = ('xla', 'fused')
+ATTENTION_IMPLS = ('xla', 'fused', 'cudnn')
 
 
 def _xla_attention(query: Array, key: Array, value: Array) -> Array:
@@ -34,9 +34,14 @@ def _xla_attention(query: Array, key: Array, value: Array) -> Array:
   return jnp.einsum('bhts,bshd->bthd', weights.astype(value.dtype), value)
 
 
-def _fused_attention(query: Array, key: Array, value: Array) -> Array:
-  """Same contract as `_xla_attention`; XLA or cuDNN picks the kernel."""
-  return jax.nn.dot_product_attention(query, key, value)
+def _fused_attention(query: Array, key: Array, value: Array,
+                     implementation: Optional[str] = None) -> Array:
+  """Same contract as `_xla_attention` through `jax.nn.dot_product_attention`.
+
+  `implementation=None` lets JAX choose the kernel; 'cudnn' asks for cuDNN's flash
+  attention (NVIDIA GPUs, bfloat16 or float16 inputs).
+  """
+  return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
 
 
 class PrefixAttention(nn.Module):
@@ -50,8 +55,9 @@ class PrefixAttention(nn.Module):
     num_heads: number of attention heads H; the width D must divide by it.
     dtype: compute dtype (float32 or bfloat16). Parameters stay float32 and
       attention logits are accumulated and normalised in float32.
-    attention_impl: 'xla' (explicit einsum + softmax) or 'fused'
-      (`jax.nn.dot_product_attention`).
+    attention_impl: 'xla' (explicit einsum + softmax), 'fused'
+      (`jax.nn.dot_product_attention`, kernel chosen by JAX) or 'cudnn' (the same
+      with cuDNN flash attention; NVIDIA GPUs with a bfloat16 `dtype`).
     kernel_init: initializer of the four projection kernels.
   """
 
@@ -97,8 +103,9 @@ class PrefixAttention(nn.Module):
       key = jnp.concatenate([prefix_k.astype(key.dtype), key], axis=1)
       value = jnp.concatenate([prefix_v.astype(value.dtype), value], axis=1)
 
-    if self.attention_impl == 'fused':
-      out = _fused_attention(query, key, value)
+    if self.attention_impl in ('fused', 'cudnn'):
+      out = _fused_attention(query, key, value,
+                             'cudnn' if self.attention_impl == 'cudnn' else None)
     else:
       out = _xla_attention(query, key, value)
     return nn.DenseGeneral(

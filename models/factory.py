@@ -102,13 +102,23 @@ def create_query_model(config, num_classes: int) -> PromptedViT:
                      **_backbone_kwargs(config, num_classes))
 
 
-def init_params(model: PromptedViT, rng: jax.Array,
-                input_size: int) -> dict[str, Any]:
-  """Initialises `model` on a dummy [1, input_size, input_size, 3] batch.
-
-  Works under `jax.eval_shape` to get shapes without computing values.
-  """
+def _dummy_inputs(model: PromptedViT, input_size: int):
   images = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
   cls_features = jnp.zeros((1, model.hidden_size), jnp.float32)
-  init = jax.jit(functools.partial(model.init, train=False))
-  return init({'params': rng}, images, cls_features)['params']
+  return images, cls_features
+
+
+def init_params(model: PromptedViT, rng: jax.Array,
+                input_size: int) -> dict[str, Any]:
+  """Initialises `model` on a dummy [1, input_size, input_size, 3] batch."""
+  # Runs once per process, so compile it quickly rather than well.
+  init = jax.jit(functools.partial(model.init, train=False),
+                 compiler_options={'xla_backend_optimization_level': 0})
+  return init({'params': rng}, *_dummy_inputs(model, input_size))['params']
+
+
+def param_shapes(model: PromptedViT, input_size: int) -> dict[str, Any]:
+  """The parameter tree of `model` as jax.ShapeDtypeStruct leaves (nothing computed)."""
+  init = functools.partial(model.init, train=False)
+  return jax.eval_shape(init, {'params': jax.random.PRNGKey(0)},
+                        *_dummy_inputs(model, input_size))['params']

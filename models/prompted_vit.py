@@ -56,7 +56,7 @@ class PromptedViT(nn.Module):
     vote_group_size: images per vote group (the per-device batch size);
       <= 0 means the whole batch.
     dtype: compute dtype; parameters stay float32, logits are float32.
-    attention_impl: 'xla' or 'fused'.
+    attention_impl: 'xla', 'fused' or 'cudnn' (see attention.PrefixAttention).
     dropout_rate: dropout rate at train time.
   """
 

@@ -173,15 +173,15 @@ def test_count_matches_the_products_of_the_real_train_step(method, clip_mode):
   """The analytic count against the products JAX traces for `steps.train_step`, backward included."""
   config = _l2p() if method == "l2p" else _dualprompt()
   model, query_model = _models(config)
-  params = jax.eval_shape(lambda: factory.init_params(model, jax.random.PRNGKey(0), 32))
-  query_keys = jax.eval_shape(lambda: factory.init_params(query_model, jax.random.PRNGKey(0), 32)).keys()
+  params = factory.param_shapes(model, 32)
+  query_keys = factory.param_shapes(query_model, 32).keys()
   tx = optim.create_optimizer(config, params)
   spec = jax.ShapeDtypeStruct
   batch = {"image": spec((4, 32, 32, 3), jnp.float32), "label": spec((4,), jnp.int32)}
   task = {"class_mask": spec((NUM_CLASSES,), bool), "prompt_ids": spec((config.prompt_pool_param.top_k,), jnp.int32),
           "total_steps": spec((), jnp.int32), "warmup_steps": spec((), jnp.int32)}
   step = functools.partial(steps.train_step, model=model, query_model=query_model, tx=tx,
-                           options=step_benchmark.step_options(config, 4, clip_mode))
+                           options=steps.StepOptions.from_config(config, 4, clip_mode))
   jaxpr = jax.make_jaxpr(step, axis_env=[(steps.AXIS, 1)])(
       jax.eval_shape(lambda: train_state.create(params, tx)), batch, {k: params[k] for k in query_keys}, task,
       jax.random.PRNGKey(0))

@@ -47,8 +47,7 @@ def _apply_fn(model):
 
 def _random_params(model, seed=0):
   """Random values everywhere (head included) so every part shows up."""
-  shapes = jax.eval_shape(
-      lambda rng: factory.init_params(model, rng, IMAGE), jax.random.key(0))
+  shapes = factory.param_shapes(model, IMAGE)
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):

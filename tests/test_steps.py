@@ -51,16 +51,16 @@ def _run(model, options, config, num_steps=3, class_ids=(2, 3)):
   labels = np.array([[2, 3, 2, 3], [3, 2, 3, 2]], np.int32)
   params = model.init(rng, images[0])["params"]
   tx = optim.create_optimizer(config, params)
-  state = flax.jax_utils.replicate(train_state.create(params, tx))
+  state = steps.replicate(train_state.create(params, tx))
   class_mask = np.zeros([NUM_CLASSES], bool)
   class_mask[list(class_ids)] = True
-  task = flax.jax_utils.replicate({"class_mask": class_mask, "prompt_ids": np.zeros([1], np.int32),
+  task = steps.replicate({"class_mask": class_mask, "prompt_ids": np.zeros([1], np.int32),
                                    "total_steps": np.int32(10), "warmup_steps": np.int32(0)})
   step = jax.pmap(functools.partial(steps.train_step, model=model, query_model=model, tx=tx, options=options),
                   axis_name=steps.AXIS)
   for _ in range(num_steps):
-    state, metrics = step(state, {"image": images, "label": labels}, flax.jax_utils.replicate({}), task,
-                          flax.jax_utils.replicate(rng))
+    state, metrics = step(state, {"image": images, "label": labels}, steps.replicate({}), task,
+                          steps.replicate(rng))
   return params, flax.jax_utils.unreplicate(state), flax.jax_utils.unreplicate(metrics)
 
 

@@ -48,8 +48,7 @@ def fast_jit(fun, **kwargs):
 
 
 def _shapes(model, image=224):
-  return jax.eval_shape(
-      lambda rng: factory.init_params(model, rng, image), jax.random.key(0))
+  return factory.param_shapes(model, image)
 
 
 def _plain(name, classes=1000, **kwargs):
