@@ -41,7 +41,33 @@ def _fused_attention(query: Array, key: Array, value: Array,
   `implementation=None` lets JAX choose the kernel; 'cudnn' asks for cuDNN's flash
   attention (NVIDIA GPUs, bfloat16 or float16 inputs).
   """
+  if implementation == 'cudnn':
+    return padded_attention(query, key, value, implementation='cudnn')
   return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+
+
+def padded_attention(query: Array, key: Array, value: Array, *,
+                     implementation: Optional[str] = 'cudnn',
+                     multiple: int = 64) -> Array:
+  """Fused attention on queries and keys padded to a common, round length.
+
+  cuDNN accepts only some sequence lengths (prefix keys make the key sequence longer
+  than the query sequence; odd lengths are refused in the backward pass). Padding both to
+  a multiple of `multiple` and passing the true lengths masks the padding out, so the
+  real rows are exact.
+  """
+  batch, num_queries, num_keys = query.shape[0], query.shape[1], key.shape[1]
+  length = -(-max(num_queries, num_keys) // multiple) * multiple
+
+  def pad(x):
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)])
+
+  out = jax.nn.dot_product_attention(
+      pad(query), pad(key), pad(value),
+      query_seq_lengths=jnp.full([batch], num_queries, jnp.int32),
+      key_value_seq_lengths=jnp.full([batch], num_keys, jnp.int32),
+      implementation=implementation)
+  return out[:, :num_queries]
 
 
 class PrefixAttention(nn.Module):

@@ -108,3 +108,20 @@ def test_prefix_keys_without_values_is_an_error():
   x, pk, _, params = _params_and_inputs()
   with pytest.raises(ValueError, match='together'):
     _apply(attention.PrefixAttention(num_heads=H), params, x, pk)
+
+
+def test_padded_attention_equals_reference_with_prefix_lengths():
+  """The cuDNN path pads queries and keys to a round length and masks the padding."""
+  from models import attention as attention_lib
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
+  k = rng.normal(size=(2, 9, 2, 8)).astype(np.float32)
+  v = rng.normal(size=(2, 9, 2, 8)).astype(np.float32)
+  # Plain numpy softmax attention over all 9 keys.
+  logits = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(8)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum('bhts,bshd->bthd', weights, v)
+  out = attention_lib.padded_attention(q, k, v, implementation='xla', multiple=16)
+  assert out.shape == (2, 5, 2, 8)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
