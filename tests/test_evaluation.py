@@ -1,0 +1,44 @@
+"""Evaluation: cached query features give exactly what recomputing them gives."""
+
+import jax
+import numpy as np
+
+from libml import evaluation
+from libml import input_pipeline
+from libml import steps
+from models import factory
+from tests import e2e_util
+
+
+def test_cached_query_features_equal_recomputed():
+  config = e2e_util.tiny_digits_config(**{"prompt_pool_param.batchwise_prompt_at_test": False})
+  benchmark = input_pipeline.create_benchmark(config)
+  model = factory.create_model(config, benchmark.num_classes)
+  query_model = factory.create_query_model(config, benchmark.num_classes)
+  params = factory.init_params(model, jax.random.PRNGKey(0), config.input_size)
+  # A non-zero head so that accuracies and losses depend on the prompts chosen.
+  params["head"]["kernel"] = np.random.default_rng(0).normal(size=params["head"]["kernel"].shape)
+  query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
+  options = steps.StepOptions.from_config(config, 8)
+  assert options.needs_query
+  rparams, rquery = steps.replicate(params), steps.replicate(query_params)
+
+  def evaluator(cache):
+    return evaluation.Evaluator(benchmark, model, query_model, options, cache_query_features=cache,
+                                num_eval_steps=-1, task_incremental=False)
+
+  cached = evaluator(True)
+  first = cached.evaluate(rparams, rquery, 1)  # computes and stores the features
+  features = cached._cache[1]
+  second = cached.evaluate(rparams, rquery, 1)  # reuses them
+  fresh = evaluator(False).evaluate(rparams, rquery, 1)
+  for result in (first, second):
+    assert result["accuracy"] == fresh["accuracy"] and result["count"] == fresh["count"]
+    np.testing.assert_allclose(result["loss"], fresh["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(result["prompt_counts"], fresh["prompt_counts"])
+  # The stored features are the query ViT's pre-logits of the eval images, in order.
+  query = jax.pmap(lambda p, x: steps.query_features(query_model, p, x), axis_name=steps.AXIS)
+  for batch, stored in zip(cached._batches(1), features):
+    np.testing.assert_allclose(np.asarray(stored), np.asarray(query(rquery, batch["image"])), rtol=1e-6,
+                               atol=1e-6)
+  assert first["count"] > 0
