@@ -2,7 +2,7 @@
 
   python main.py --my_config configs/digits_dualprompt.py --workdir=./runs/digits_dualprompt
 
-Needs no download and no checkpoint (random backbone, nothing frozen; see digits_l2p.py).
+Needs no download and no checkpoint (random, frozen backbone; see digits_l2p.py).
 """
 
 from configs import cifar100_dualprompt
