@@ -112,7 +112,6 @@ def test_prefix_keys_without_values_is_an_error():
 
 def test_padded_attention_equals_reference_with_prefix_lengths():
   """The cuDNN path pads queries and keys to a round length and masks the padding."""
-  from models import attention as attention_lib
   rng = np.random.default_rng(3)
   q = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
   k = rng.normal(size=(2, 9, 2, 8)).astype(np.float32)
@@ -122,6 +121,6 @@ def test_padded_attention_equals_reference_with_prefix_lengths():
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   expected = np.einsum('bhts,bshd->bthd', weights, v)
-  out = attention_lib.padded_attention(q, k, v, implementation='xla', multiple=16)
+  out = attention.padded_attention(q, k, v, implementation='xla', multiple=16)
   assert out.shape == (2, 5, 2, 8)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
