@@ -3,6 +3,11 @@
   python main.py --my_config configs/cifar100_l2p.py --workdir=./l2p \
       --my_config.init_checkpoint=<path>/ViT-B_16.npz
 
+Running the same command again resumes the run in --workdir; --restart moves it aside and
+starts over. On several hosts, run the same command on every host, with --multihost (TPU pods,
+SLURM, ...) or with --coordinator_address, --num_processes and --process_id. Bad input ends
+in one line `error: ...` and exit status 2 before anything is written.
+
 All logic lives in importable, tested modules (`train_continual`, `libml`, `models`).
 """
 
@@ -19,6 +24,8 @@ config_flags.DEFINE_config_file("my_config", None, "Config file (configs/*.py); 
                                 "--my_config.<field>=<value>.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and results.json.")
 flags.DEFINE_bool("traceback", False, "Show the full traceback of a usage error instead of one line.")
+flags.DEFINE_bool("restart", False, "Start over in a --workdir that holds a run: the earlier run is moved "
+                  "to <workdir>.old (then .old-2, ...), never deleted.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
@@ -41,6 +48,20 @@ def _parse_flags(argv):
           "config file.")
   except (flags.Error, ValueError, TypeError, OSError) as e:
     _fail(" ".join(str(e).split()))
+
+
+def _initialize_distributed(jax) -> None:
+  """Joins the processes of a multi-host run (before any other use of jax)."""
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      _fail("Give all of --coordinator_address, --num_processes and --process_id, or none "
+            "(--multihost reads them from the cluster's environment).")
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      _fail(f"--process_id={FLAGS.process_id} must be in [0, --num_processes={FLAGS.num_processes}).")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.multihost:
+    jax.distributed.initialize()
 
 
 def _hide_accelerators_from_tensorflow() -> None:
@@ -72,16 +93,13 @@ def main(argv):
     _fail(f"Cannot load config file {flags.FLAGS['my_config'].config_filename}: {' '.join(str(e).split())}")
   import jax  # pylint: disable=g-import-not-at-top
   from libml.errors import UserError  # pylint: disable=g-import-not-at-top
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.multihost:
-    jax.distributed.initialize()
+  _initialize_distributed(jax)
   _hide_accelerators_from_tensorflow()
   logging.info("JAX process %d / %d, local devices: %s, global devices: %d", jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
   import train_continual  # pylint: disable=g-import-not-at-top
   try:
-    results = train_continual.train_and_evaluate(config, FLAGS.workdir)
+    results = train_continual.train_and_evaluate(config, FLAGS.workdir, restart=FLAGS.restart)
   except UserError as e:
     if FLAGS.traceback:
       traceback.print_exc()

@@ -1,18 +1,18 @@
 """The continual train/eval loop: tasks in order, evaluation after each, resumable.
 
 Everything else (data, model, steps, metrics, checkpoints, summaries) lives in `libml/`
-and `models/`; this module only sequences it.
+and `models/`; this module only sequences it. Every check that can fail on bad input
+(config, workdir, data, pretrained weights) runs before the first write to the workdir.
+A non-finite loss or parameter stops the run before it reaches a checkpoint.
 """
 
 import dataclasses
 import functools
-import os
 
 from absl import logging
 from clu import periodic_actions
 import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,6 +26,8 @@ from libml import pretrained
 from libml import reporting
 from libml import steps
 from libml import train_state
+from libml import validation
+from libml.errors import UserError
 from models import factory
 
 
@@ -48,17 +50,36 @@ def _task_arrays(config, benchmark, task: int, options: steps.StepOptions) -> di
   top_k = config.prompt_pool_param.top_k
   return {
       "class_mask": class_mask,
-      "prompt_ids": np.arange(task * top_k, (task + 1) * top_k, dtype=np.int32) % max(options.pool_size, 1),
+      "prompt_ids": np.arange(task * top_k, (task + 1) * top_k, dtype=np.int32),
       "total_steps": np.int32(benchmark.num_train_steps(task)),
       "warmup_steps": np.int32(config.warmup_epochs * benchmark.steps_per_epoch(task)),
   }
 
 
-class _Runner:
-  """Holds what the loop over tasks shares: compiled steps, writer, checkpointer."""
+def _first_non_finite(tree) -> str | None:
+  """Path of the first leaf of a host pytree holding NaN or inf, or None."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
+      return jax.tree_util.keystr(path)
+  return None
 
-  def __init__(self, config, workdir, benchmark):
-    self.config, self.workdir, self.benchmark = config, workdir, benchmark
+
+def _diverged(what: str, task: int, step: int, last_saved: tuple[int, int] | None) -> UserError:
+  kept = ("no checkpoint had been written" if last_saved is None
+          else f"the last checkpoint (task {last_saved[0]}, step {last_saved[1]}) is kept")
+  return UserError(f"Training diverged: {what} in task {task} at step {step}; stopped before "
+                   f"checkpointing it, {kept}; lower learning_rate and start again with --restart "
+                   "or another --workdir.")
+
+
+class _Runner:
+  """Holds what the loop over tasks shares: compiled steps, writer, checkpointer.
+
+  Construction reads data and weights but writes nothing; `open` starts writing.
+  """
+
+  def __init__(self, config, benchmark):
+    self.config, self.benchmark = config, benchmark
     global_batch = config.per_device_batch_size * jax.device_count()
     model = factory.create_model(config, benchmark.num_classes)
     query_model = factory.create_query_model(config, benchmark.num_classes)
@@ -80,8 +101,30 @@ class _Runner:
         benchmark, model, query_model, self.options,
         cache_query_features=config.cache_eval_query_features, num_eval_steps=config.num_eval_steps,
         task_incremental=config.continual.eval_task_inc)
+
+  def open(self, workdir: str) -> dict | None:
+    """Starts writing to `workdir`; returns the progress of its latest checkpoint, or None."""
     self.writer = reporting.create_writer(workdir)
-    self.checkpointer = checkpointing.RunCheckpointer(workdir, keep_last_only=config.save_last_ckpt_only)
+    self.checkpointer = checkpointing.RunCheckpointer(workdir, keep_last_only=self.config.save_last_ckpt_only)
+    self.last_saved = None
+    restored = self.checkpointer.latest(self.state)
+    if restored is None:
+      return None
+    self.state, progress = restored
+    self.last_saved = self._task_and_step(progress)
+    return progress
+
+  def close(self) -> None:
+    """Flushes the summaries and ends checkpointing (also after an error)."""
+    self.writer.close()
+    self.checkpointer.close()
+
+  def _task_and_step(self, progress) -> tuple[int, int]:
+    """(task, steps taken in it) of a checkpoint's progress."""
+    task, step = progress["task"], progress["task_step"]
+    if step == 0 and task > 0:  # Saved after the previous task ended.
+      task, step = task - 1, self.benchmark.num_train_steps(task - 1)
+    return task, step
 
   def evaluate(self, rstate, task: int, eval_sets) -> dict[int, dict]:
     results = {i: self.evaluator.evaluate(rstate.params, self.query_params, i) for i in eval_sets}
@@ -90,7 +133,15 @@ class _Runner:
     return results
 
   def save(self, rstate, progress) -> None:
-    self.checkpointer.save(train_state.host_copy(flax.jax_utils.unreplicate(rstate)), progress)
+    """Checkpoints `rstate` unless it holds a non-finite value (then raises UserError)."""
+    state = train_state.host_copy(flax.jax_utils.unreplicate(rstate))
+    bad = _first_non_finite(state)
+    if bad is not None:
+      raise _diverged(f"state{bad} is not finite", *self._task_and_step(progress), self.last_saved)
+    # Summaries up to this step reach the disk before the checkpoint that skips them on resume.
+    self.writer.flush()
+    self.checkpointer.save(state, progress)
+    self.last_saved = self._task_and_step(progress)
 
   def train_task(self, task: int, progress: dict, report) -> None:
     """Trains `task` from `progress['task_step']` to its end, with periodic evals and checkpoints."""
@@ -111,7 +162,7 @@ class _Runner:
     dropout_rng = steps.replicate(self.dropout_rng)
     rstate = steps.replicate(self.state)
     batches = steps.device_batches(iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))))
-    pending = []
+    pending = []  # Metrics of the steps since the last log, still on the devices.
     first_global_step = int(self.state.step)
     for task_step in range(start, total):
       step_fn = self.train_step if task_step < mask_steps else self.unmasked_train_step
@@ -120,7 +171,10 @@ class _Runner:
       global_step = first_global_step + (task_step - start) + 1
       report(global_step)
       done = task_step + 1
-      if done % config.log_loss_every_steps == 0 or done == total:
+      checkpoint = global_step % config.checkpoint_every_steps == 0
+      # A checkpoint also ends a logging window, so that a run resumed from it logs the same
+      # means; logging raises on a non-finite loss before the diverged state is saved.
+      if checkpoint or done % config.log_loss_every_steps == 0 or done == total:
         self._log_train(global_step, task, done, pending)
         pending = []
       periodic_eval = ((config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or
@@ -128,41 +182,25 @@ class _Runner:
       if periodic_eval and done < total and not config.eval_last_only:
         results = self.evaluate(rstate, task, benchmark.eval_sets_after(task) or [0])
         self.writer.write_scalars(global_step, {f"accuracy_{i}": r["accuracy"] for i, r in results.items()})
-      if global_step % config.checkpoint_every_steps == 0:
+      if checkpoint:
         self.save(rstate, {**progress, "task_step": done})
     progress["task_step"] = total
     self.state = flax.jax_utils.unreplicate(rstate)
 
   def _log_train(self, global_step, task, done, pending) -> None:
-    values = jax.device_get(pending)
-    mean = {k: float(np.mean([np.asarray(v[k])[0] for v in values])) for k in values[0]}
-    if not np.isfinite(mean["loss"]):
-      raise FloatingPointError(f"Loss became {mean['loss']} in task {task} at step {done}.")
-    self.writer.write_scalars(global_step, mean)
+    """Writes the means of `pending` (the steps up to `done`); raises on a non-finite loss."""
+    values = [{k: float(np.asarray(v)[0]) for k, v in m.items()} for m in jax.device_get(pending)]
+    for i, v in enumerate(values):
+      if not np.isfinite(v["loss"]):
+        raise _diverged(f"the loss is {v['loss']}", task, done - len(values) + 1 + i, self.last_saved)
+    self.writer.write_scalars(global_step, {k: float(np.mean([v[k] for v in values])) for k in values[0]})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the tasks of `config.dataset` in order, evaluating after each; resumes from `workdir`.
-
-  Returns:
-    The final continual metrics ({'avg_acc', 'forgetting', ...}) and 'accuracy_matrix'.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  benchmark = input_pipeline.create_benchmark(config)
-  runner = _Runner(config, workdir, benchmark)
-  progress = {"task": 0, "task_step": 0,
-              "accuracy_matrix": continual_metrics.matrix_to_json(
-                  np.full([benchmark.num_eval_sets, benchmark.num_tasks], np.nan))}
-  restored = runner.checkpointer.latest(runner.state)
-  if restored is None:
-    reporting.write_hparams(runner.writer, config)
-  else:
-    runner.state, progress = restored
+def _train_tasks(config, benchmark, runner: _Runner, progress: dict) -> np.ndarray:
+  """Trains and evaluates the tasks from `progress` on; returns the [E, T] accuracy matrix."""
   matrix = continual_metrics.matrix_from_json(progress["accuracy_matrix"])
   total_steps = sum(benchmark.num_train_steps(t) for t in range(benchmark.num_tasks))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=runner.writer, every_secs=30)
-
-  final = {}
   for task in range(progress["task"], benchmark.num_tasks):
     if progress["task_step"] < benchmark.num_train_steps(task):
       runner.train_task(task, progress, report)
@@ -180,11 +218,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "accuracy_matrix": continual_metrics.matrix_to_json(matrix)}
     if eval_sets or task == benchmark.num_tasks - 1:
       runner.save(steps.replicate(runner.state), progress)
+  return matrix
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False) -> dict:
+  """Trains the tasks of `config.dataset` in order, evaluating after each; resumes from `workdir`.
+
+  Args:
+    config: the run's config.
+    workdir: where checkpoints, summaries, config.json and results.json go. A run of the
+      same config found there is resumed; one of another config is refused.
+    restart: move an earlier run in `workdir` aside (to `<workdir>.old`) and start over.
+
+  Returns:
+    The final continual metrics ({'avg_acc', 'forgetting', ...}) and 'accuracy_matrix'.
+
+  Raises:
+    UserError: bad input (found before anything is written) or a diverged run.
+  """
+  validation.check_config(config)
+  validation.check_workdir(workdir, config, restart=restart)
+  benchmark = input_pipeline.create_benchmark(config)
+  runner = _Runner(config, benchmark)
+  validation.claim_workdir(workdir, config, restart=restart)
+  progress = runner.open(workdir)
+  try:
+    if progress is None:
+      progress = {"task": 0, "task_step": 0,
+                  "accuracy_matrix": continual_metrics.matrix_to_json(
+                      np.full([benchmark.num_eval_sets, benchmark.num_tasks], np.nan))}
+      reporting.write_hparams(runner.writer, config)
+    matrix = _train_tasks(config, benchmark, runner, progress)
+  finally:
+    runner.close()
   last = max((t for t in range(benchmark.num_tasks) if not np.all(np.isnan(matrix[:, t]))), default=None)
   summary = dict(continual_metrics.summarize(matrix, last)) if last is not None else {}
   path = reporting.write_results(workdir, matrix, config, summary)
-  runner.writer.close()
-  runner.checkpointer.close()
   logging.info("Final accuracy matrix:\n%s\nResults: %s", reporting.format_matrix(matrix), path)
   return {**summary, "accuracy_matrix": matrix}

@@ -3,8 +3,14 @@
 Progress is a small JSON document: {'task': t, 'task_step': s, 'accuracy_matrix': [[...]]}
 meaning "task t has taken s steps; columns < t of the matrix are final". A checkpoint
 taken when s equals the task's length means training of task t finished but its
-evaluation did not. Orbax writes each checkpoint to a temporary directory and renames
-it when complete, so a run killed mid-write resumes from the previous checkpoint.
+evaluation did not.
+
+Writes are atomic: orbax writes each checkpoint to `<n>.orbax-checkpoint-tmp-*` and renames
+it to `<n>` once complete, and only renamed checkpoints are ever restored, so a run killed
+mid-write resumes from the previous checkpoint. Temporary directories left by such a run
+are deleted when the next run opens the directory. On several hosts every process calls
+`save` and `latest`; orbax synchronises them, process 0 writes the (replicated, host-side)
+state and commits, so the workdir must be on a filesystem all hosts share.
 """
 
 import os
@@ -19,7 +25,7 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, *, keep_last_only: bool):
     options = ocp.CheckpointManagerOptions(max_to_keep=1 if keep_last_only else None, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                           options=options, item_names=("state", "progress"))
 

@@ -7,6 +7,11 @@ start_step)` yields exactly the batches an uninterrupted run yields from
 are read once into host memory (still encoded) and replayed in seeded
 orders; skipping steps costs nothing. Eval sets stream from TFDS in record
 order, every example once, padded to whole batches with `mask` False.
+
+On several hosts, every host plans the global batches (all hosts' devices)
+and decodes only its own slice of each: host h's batch i is the h-th block of
+`num_local_devices * per_device_batch_size` examples of global batch i, so a
+run's batches do not depend on how its devices are spread over hosts.
 """
 
 import math
@@ -72,7 +77,8 @@ class Benchmark:
     num_classes: size of the shared head.
     num_tasks: number of tasks (episodes for the Gaussian schedule).
     class_masks: per task, sorted int32 head ids trained in that task.
-    num_train_examples: per task, training examples on this host.
+    num_train_examples: per task, this host's share of the training examples
+      (the task's examples divided by the number of hosts, rounded down).
     num_eval_sets: number of eval sets.
   """
 
@@ -90,6 +96,7 @@ class Benchmark:
     self._num_devices = num_local_devices
     self._batch = config.per_device_batch_size
     self._local_batch = num_local_devices * config.per_device_batch_size
+    self._global_batch = self._local_batch * process_count
     self._seed = config.get('seed', 0)
     self._num_epochs = config.get('num_epochs', 1)
     self._shuffle_buffer = config.get('shuffle_buffer_size', 0)
@@ -100,11 +107,13 @@ class Benchmark:
     self._resize_size = config.get('resize_size', config.input_size)
     self._norm_01 = config.get('norm_01', True)
     self._cache = None
+    # Every host keeps the record ids of all hosts: it plans the global batches.
     if layout.schedule is None:
-      self._train_ids = [self._host_train_ids(t) for t in range(self.num_tasks)]
-      self.num_train_examples = [len(ids) for ids in self._train_ids]
+      self._train_ids = [self._task_train_ids(t) for t in range(self.num_tasks)]
+      self.num_train_examples = [len(ids) // self._hosts
+                                 for ids in self._train_ids]
     else:
-      self._train_ids = [self._host_shard(source.select(layout.train[0]))]
+      self._train_ids = [source.select(layout.train[0])]
       self.num_train_examples = [layout.schedule.shape[1] * self._local_batch
                                  ] * self.num_tasks
     for task, count in enumerate(self.num_train_examples):
@@ -114,11 +123,7 @@ class Benchmark:
 
   # --- Which records. -------------------------------------------------------
 
-  def _host_shard(self, ids: np.ndarray) -> np.ndarray:
-    """Equal shares for every host, so that all run the same step count."""
-    return ids[:len(ids) - len(ids) % self._hosts][self._host::self._hosts]
-
-  def _host_train_ids(self, task: int) -> np.ndarray:
+  def _task_train_ids(self, task: int) -> np.ndarray:
     ids = self._source.select(self._layout.train[task])
     if self._subsample_rate != -1:
       if not 0 < self._subsample_rate <= 1:
@@ -127,14 +132,14 @@ class Benchmark:
       keep = round(self._subsample_rate * len(ids))
       rng = _rng(self._seed, _SUBSAMPLE, task)
       ids = np.sort(rng.choice(ids, size=keep, replace=False))
-    return self._host_shard(ids)
+    return ids
 
   # --- Steps. ---------------------------------------------------------------
 
   def steps_per_epoch(self, task: int) -> int:
     if self._layout.schedule is not None:
       return self._layout.schedule.shape[1]
-    return max(1, self.num_train_examples[task] // self._local_batch)
+    return max(1, len(self._train_ids[task]) // self._global_batch)
 
   def num_train_steps(self, task: int) -> int:
     if self._layout.schedule is not None:
@@ -146,19 +151,25 @@ class Benchmark:
   # --- Training. ------------------------------------------------------------
 
   def _train_part(self, task: int) -> tuple[benchmarks.Part, np.ndarray]:
-    """The task's Part and this host's record ids of it."""
+    """The task's Part and its record ids (all hosts')."""
     if self._layout.schedule is not None:  # Every episode draws from one set.
       return self._layout.train[0], self._train_ids[0]
     return self._layout.train[task], self._train_ids[task]
 
   def _train_records(self, task: int) -> dict:
-    """This host's encoded records of the task (the last task's are kept)."""
+    """The task's encoded records (the last task's are kept)."""
     part, ids = self._train_part(task)
     key = (part, ids.tobytes())
     if self._cache is None or self._cache[0] != key:
       self._cache = None  # Frees the previous task's records first.
       self._cache = (key, self._source.load(part, ids))
     return self._cache[1]
+
+  def _own_slices(self, stream: np.ndarray) -> np.ndarray:
+    """This host's block of each global batch of `stream` [steps * global]."""
+    lo = self._host * self._local_batch
+    batches = stream.reshape(-1, self._global_batch)
+    return batches[:, lo:lo + self._local_batch].reshape(-1)
 
   def _epoch_plan(self, task: int, first_step: int, num_steps: int):
     """Rows (into the task's records) and augmentation keys, step by step."""
@@ -167,7 +178,7 @@ class Benchmark:
     part, ids = self._train_part(task)
     split_size = self._source.split_size(part)
     steps_per_epoch = self.steps_per_epoch(task)
-    need = steps_per_epoch * self._local_batch
+    need = steps_per_epoch * self._global_batch
     rows, keys = [], []
     for epoch in range(first_step // steps_per_epoch,
                        math.ceil(num_steps / steps_per_epoch)):
@@ -179,9 +190,10 @@ class Benchmark:
       rows.append(order)
       # Key = (epoch, record): the same on every run and after a resume.
       keys.append(epoch * split_size + ids[order])
-    skip = (first_step % steps_per_epoch) * self._local_batch
-    end = (num_steps - first_step) * self._local_batch + skip
-    return (np.concatenate(rows)[skip:end], np.concatenate(keys)[skip:end])
+    skip = (first_step % steps_per_epoch) * self._global_batch
+    end = (num_steps - first_step) * self._global_batch + skip
+    return (self._own_slices(np.concatenate(rows)[skip:end]),
+            self._own_slices(np.concatenate(keys)[skip:end]))
 
   def _gaussian_plan(self, episode: int, first_step: int):
     """Rows and augmentation keys of an episode of the Gaussian schedule.
@@ -190,11 +202,9 @@ class Benchmark:
     are replayed in seeded permutations, each episode going on where the
     earlier ones stopped, so an episode is a pure function of the seed.
     """
-    schedule = self._layout.schedule
-    lo = self._host * self._local_batch
-    labels = schedule[:, :, lo:lo + self._local_batch]  # [E, B, local]
-    flat = labels[:episode + 1].reshape(-1)
-    start = (episode * schedule.shape[1] + first_step) * self._local_batch
+    schedule = self._layout.schedule  # [episodes, steps, global batch]
+    flat = schedule[:episode + 1].reshape(-1)
+    start = (episode * schedule.shape[1] + first_step) * self._global_batch
     ranks = _occurrence_rank(flat)[start:]
     wanted = flat[start:]
     records = self._train_records(episode)
@@ -202,18 +212,16 @@ class Benchmark:
     for c in np.unique(wanted):
       members = np.flatnonzero(records['label'] == c)
       if not len(members):
-        raise UserError(f'class {c} of {self.name} has no training examples on '
-                        'this host; the Gaussian schedule needs every class')
+        raise UserError(f'class {c} of {self.name} has no training examples; '
+                        'the Gaussian schedule needs every class')
       here = wanted == c
       rounds = int(ranks[here].max()) // len(members) + 1
       cycle = np.concatenate([_rng(self._seed, _GAUSSIAN, int(c), r)
                               .permutation(members) for r in range(rounds)])
       rows[here] = cycle[ranks[here]]
     # Key = position in the global stream: unique across hosts and episodes.
-    step = np.arange(len(wanted)) // self._local_batch + (
-        episode * schedule.shape[1] + first_step)
-    slot = lo + np.arange(len(wanted)) % self._local_batch
-    return rows, step * schedule.shape[2] + slot
+    keys = np.arange(len(wanted)) + start
+    return self._own_slices(rows), self._own_slices(keys)
 
   def train_dataset(self, task: int, start_step: int = 0) -> tf.data.Dataset:
     """Batches of `task` from `start_step` on, identical to an unbroken run.
@@ -256,16 +264,19 @@ class Benchmark:
       {'image': float32 [devices, per_device_batch, H, W, 3],
        'label': int32 [devices, per_device_batch],
        'mask': bool [devices, per_device_batch] (False on padding)}.
-    All hosts yield the same number of batches.
+    All hosts yield the same number of batches: this host's blocks of the
+    global batches of the eval set in record order, padded at the end.
     """
     part = self._layout.eval_sets[eval_set]
     ids = self._source.select(part)
     if not len(ids):
       raise UserError(f'eval set {eval_set} of {self.name} is empty: check the '
                       'prepared data')
-    per_host = math.ceil(len(ids) / self._hosts)
-    total = math.ceil(per_host / self._local_batch) * self._local_batch
-    local_ids = ids[self._host::self._hosts]
+    num_batches = math.ceil(len(ids) / self._global_batch)
+    total = num_batches * self._local_batch
+    # Padding comes last globally, so this host's real examples come first.
+    owner = np.arange(len(ids)) // self._local_batch % self._hosts
+    local_ids = ids[owner == self._host]
     decode = self._source.decoder(part)
     resize_only = not self._layout.augment
 

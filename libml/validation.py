@@ -1,0 +1,241 @@
+"""Checks a run makes before it writes anything, and the claim it then stakes on its workdir.
+
+`check_config` and `check_workdir` only read: a mistake on the command line ends the run
+in seconds, with one line, and leaves the workdir as it was. `claim_workdir` is the run's
+first write: it records the config in `<workdir>/config.json` (or, with `restart`, first
+moves an earlier run aside), so that a later start can tell a resume from a different run.
+
+A stored config differs from the current one when any key differs except those in
+`HARMLESS_KEYS` (where the data lives and how often the run logs and checkpoints; none of
+them changes a result) and `init_checkpoint`, compared by file name only, so that a run
+can resume on a machine that keeps the same file elsewhere.
+
+On several hosts process 0 decides about the workdir and the other processes learn its
+verdict, so that all of them stop, or none does.
+"""
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import numpy as np
+
+from libml import benchmarks
+from libml import optim
+from libml.errors import UserError
+from models import factory
+
+CONFIG_FILE = "config.json"
+HARMLESS_KEYS = ("data_dir", "log_loss_every_steps", "checkpoint_every_steps", "save_last_ckpt_only",
+                 "prompt_histogram")
+# Anything of these in a workdir means a run was started there.
+_RUN_ENTRIES = (CONFIG_FILE, "checkpoints", "results.json")
+_GRAD_CLIP_MODES = ("full", "trainable")
+_OPTIMIZERS = ("adam", "sgd")
+_MESSAGE_BYTES = 2048
+
+
+# --- The config. ----------------------------------------------------------------------------
+
+def _positive_int(config, key: str) -> None:
+  value = config.get(key)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise UserError(f"{key}={value!r} must be a positive integer.")
+
+
+def _check_vote_groups(config) -> None:
+  """Vote groups must tile each device's batch, as the per-device vote of the original did."""
+  pool = config.get("prompt_pool_param")
+  if not (config.get("use_e_prompt", False) and config.get("prompt_pool", True) and pool):
+    return
+  group = pool.get("vote_group_size", -1)
+  if isinstance(group, int) and group > 0 and config.per_device_batch_size % group:
+    raise UserError(f"prompt_pool_param.vote_group_size={group} does not divide per_device_batch_size="
+                    f"{config.per_device_batch_size}: the vote groups must tile each device's batch; "
+                    "choose a divisor, or -1 for one group per device.")
+
+
+def _check_prompt_mask(config, num_tasks: int) -> None:
+  """Task t trains on prompt ids [t * top_k, (t + 1) * top_k): all tasks must fit in the pool."""
+  pool = config.get("prompt_pool_param")
+  if not (config.get("use_e_prompt", False) and config.get("prompt_pool", True) and pool
+          and pool.get("use_prompt_mask", False)):
+    return
+  top_k, pool_size = pool.top_k, pool.pool_size
+  if num_tasks * top_k > pool_size:
+    raise UserError(f"use_prompt_mask gives every task its own top_k={top_k} prompts, so {num_tasks} tasks "
+                    f"need pool_size >= {num_tasks * top_k}, not {pool_size}; enlarge "
+                    "prompt_pool_param.pool_size or lower top_k.")
+
+
+def check_config(config) -> None:
+  """Raises UserError for a config that cannot run; reads no data and writes nothing.
+
+  Covers the batch and cadence settings, the optimizer and schedule names, the benchmark
+  and task count, the model (model_name, top_k <= pool_size, prompt layers within the
+  depth, ...) and the prompt mask's need for num_tasks * top_k prompts.
+  """
+  for key in ("per_device_batch_size", "log_loss_every_steps", "checkpoint_every_steps"):
+    _positive_int(config, key)
+  if config.optim not in _OPTIMIZERS:
+    raise UserError(f"Unknown optim {config.optim!r}: use one of {', '.join(_OPTIMIZERS)}.")
+  if config.grad_clip_mode not in _GRAD_CLIP_MODES:
+    raise UserError(f"Unknown grad_clip_mode {config.grad_clip_mode!r}: use one of "
+                    f"{', '.join(_GRAD_CLIP_MODES)}.")
+  if config.learning_rate_schedule not in optim.SCHEDULES:
+    raise UserError(f"Unknown learning_rate_schedule {config.learning_rate_schedule!r}; valid: "
+                    f"{', '.join(optim.SCHEDULES)}.")
+  _check_vote_groups(config)
+  layout = benchmarks.layout(config, global_batch=config.per_device_batch_size * jax.device_count())
+  # Building the models runs their own checks (model_name, top_k, layer indices, ...).
+  factory.create_model(config, layout.num_classes)
+  factory.create_query_model(config, layout.num_classes)
+  _check_prompt_mask(config, len(layout.train))
+
+
+# --- The workdir. ---------------------------------------------------------------------------
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}."))
+  return out
+
+
+def config_json(config) -> dict:
+  """The config as the JSON document `claim_workdir` stores."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+  """'key: old -> new' for every key that matters and differs (see the module docstring)."""
+  old, new = _flat(stored), _flat(current)
+  out = []
+  for key in sorted(set(old) | set(new)):
+    if key in HARMLESS_KEYS:
+      continue
+    a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+    if key == "init_checkpoint":
+      a, b = (os.path.basename(v) if isinstance(v, str) else v for v in (a, b))
+    if a != b:
+      out.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
+  return out
+
+
+def _probe_writable(workdir: str) -> None:
+  """Raises UserError unless a file can be created in `workdir` (or where it would be made)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir!r} is a file, not a directory; choose another --workdir.")
+  target = os.path.abspath(workdir)
+  while not os.path.isdir(target):
+    parent = os.path.dirname(target)
+    if os.path.exists(target) or parent == target:
+      raise UserError(f"workdir {workdir!r} cannot be created ({target!r} is not a directory); "
+                      "choose another --workdir.")
+    target = parent
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=target)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror} in {target!r}); choose "
+                    "another --workdir or fix its permissions.") from e
+
+
+def _holds_run(workdir: str) -> bool:
+  return os.path.isdir(workdir) and any(os.path.exists(os.path.join(workdir, e)) for e in _RUN_ENTRIES)
+
+
+def _verdict(workdir: str, config, restart: bool) -> None:
+  """Raises UserError unless the run may start or resume in `workdir`."""
+  _probe_writable(workdir)
+  if restart or not _holds_run(workdir):
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  fix = "pass --restart to move that run aside and start over, or choose another --workdir"
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"workdir {workdir!r} holds a run without {CONFIG_FILE}, so it cannot be "
+                    f"resumed safely; {fix}.") from None
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} is unreadable ({type(e).__name__}); {fix}.") from e
+  diff = config_differences(stored, config_json(config))
+  if diff:
+    more = f"; {len(diff) - 3} more" if len(diff) > 3 else ""
+    raise UserError(f"workdir {workdir!r} holds a run of a different config ({'; '.join(diff[:3])}{more}); "
+                    f"{fix}.")
+
+
+def _agreed(decide: Callable[[], None]) -> None:
+  """Runs `decide` on process 0; every process raises the UserError it raised, if any."""
+  message = ""
+  if jax.process_index() == 0:
+    try:
+      decide()
+    except UserError as e:
+      message = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    data = message.encode()[:_MESSAGE_BYTES]
+    buffer = np.zeros([_MESSAGE_BYTES], np.uint8)
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    message = bytes(buffer[buffer > 0]).decode(errors="replace")
+  if message:
+    raise UserError(message)
+
+
+def check_workdir(workdir: str, config, *, restart: bool) -> None:
+  """Raises UserError if `workdir` is not writable or holds a run of another config.
+
+  Reads only. With `restart` an earlier run is no obstacle (`claim_workdir` moves it).
+  """
+  _agreed(lambda: _verdict(workdir, config, restart))
+
+
+def _aside_name(workdir: str) -> str:
+  base = os.path.abspath(workdir).rstrip(os.sep) + ".old"
+  candidate, n = base, 1
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{base}-{n}"
+  return candidate
+
+
+def _claim(workdir: str, config, restart: bool) -> None:
+  _verdict(workdir, config, restart)
+  if restart and _holds_run(workdir):
+    aside = _aside_name(workdir)
+    here, there = os.path.realpath(os.getcwd()), os.path.realpath(workdir)
+    if os.path.commonpath([here, there]) == there:  # Renaming would move the process along.
+      raise UserError(f"--restart cannot move {workdir!r} aside while it holds the current directory; "
+                      "run from another directory.")
+    try:
+      os.rename(workdir, aside)
+    except OSError as e:
+      raise UserError(f"--restart cannot move the earlier run in {workdir!r} to {aside!r} "
+                      f"({e.strerror}); move or delete it yourself and start again.") from e
+    logging.warning("--restart: moved the earlier run in %s to %s.", workdir, aside)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(config_json(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def claim_workdir(workdir: str, config, *, restart: bool) -> None:
+  """Makes `workdir` this run's: checks it again, moves an earlier run aside if `restart`
+  (to `<workdir>.old`, `.old-2`, ...), and stores the config in `<workdir>/config.json`.
+
+  Process 0 does the work; all processes return once it is done.
+  """
+  _agreed(lambda: _claim(workdir, config, restart))

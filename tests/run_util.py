@@ -1,0 +1,184 @@
+"""Runs main.py in subprocesses for the reliability and multi-host tests.
+
+Run as a module (`python -m tests.run_util <main.py flags>`), it is main.py with one test
+hook: `L2P_TEST_PAUSE=<moment>:<n>` makes the process write the file named by
+`L2P_TEST_MARKER` and sleep at the n-th such moment of its life, so that a test can kill
+it there. Moments:
+  step:   right after global train step n (before its summaries and checkpoint);
+  eval:   in the n-th evaluation of an eval set, after its first batch;
+  commit: in the n-th checkpoint write, when all its files are in the temporary directory
+          but it is not yet renamed into place.
+The hook patches the libraries from outside; the production code has no test switches.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app
+import numpy as np
+
+# The libraries below are imported where used: run as a module, this file must reach main.py's
+# flag parsing fast, as main.py does.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSE_ENV = "L2P_TEST_PAUSE"
+MARKER_ENV = "L2P_TEST_MARKER"
+
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def tiny_flags(**overrides) -> dict:
+  """main.py overrides of configs/digits_l2p.py that give tests.e2e_util.tiny_digits_config(**overrides)."""
+  from configs import digits_l2p  # pylint: disable=g-import-not-at-top
+  from tests import e2e_util  # pylint: disable=g-import-not-at-top
+  base = _flat(json.loads(digits_l2p.get_config().to_json_best_effort()))
+  tiny = _flat(json.loads(e2e_util.tiny_digits_config(**overrides).to_json_best_effort()))
+  assert base.keys() == tiny.keys()
+  return {k: v for k, v in tiny.items() if v != base[k]}
+
+
+_RUNS = {}  # Config JSON -> (workdir, results) of the runs `train_in_process` made.
+
+
+def train_in_process(config, workdir: str) -> dict:
+  """`train_continual.train_and_evaluate(config, workdir)`, once per config in this process.
+
+  Several tests compare against the same uninterrupted run; later calls copy the first's
+  workdir instead of training again.
+  """
+  key = config.to_json_best_effort(sort_keys=True)
+  if key in _RUNS:
+    shutil.copytree(_RUNS[key][0], workdir)
+  else:
+    import train_continual  # pylint: disable=g-import-not-at-top
+    _RUNS[key] = (workdir, train_continual.train_and_evaluate(config, workdir))
+  return _RUNS[key][1]
+
+
+def env(num_devices: int, **extra: str) -> dict:
+  """The environment of a CPU subprocess with `num_devices` devices."""
+  out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  out.update(extra)
+  return out
+
+
+def command(workdir: str, overrides: dict, *flags: str, config: str = "configs/digits_l2p.py") -> list[str]:
+  """`python -m tests.run_util` with main.py's flags for `config` plus `overrides`."""
+  cmd = [sys.executable, "-m", "tests.run_util", "--my_config", os.path.join(ROOT, config),
+         f"--workdir={workdir}"]
+  cmd += [f"--my_config.{k}={v}" for k, v in overrides.items()]
+  return cmd + list(flags)
+
+
+def run(cmd: list[str], environment: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, env=environment, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_kill(cmd: list[str], environment: dict, moment: str, n: int, marker: str,
+                 timeout: float = 300) -> None:
+  """Starts `cmd`, waits until it pauses at the n-th `moment`, and SIGKILLs it."""
+  environment = dict(environment, **{PAUSE_ENV: f"{moment}:{n}", MARKER_ENV: marker})
+  with open(marker + ".log", "w") as log:
+    proc = subprocess.Popen(cmd, env=environment, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + timeout
+  try:
+    while not os.path.exists(marker):
+      if proc.poll() is not None:
+        with open(marker + ".log") as f:
+          tail = f.read()[-3000:]
+        raise AssertionError(f"exited with {proc.returncode} before pausing at {moment}:{n}:\n{tail}")
+      if time.time() > deadline:
+        raise AssertionError(f"never paused at {moment}:{n}")
+      time.sleep(0.1)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  os.remove(marker)
+
+
+def results_matrix(workdir: str):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return np.array(json.load(f)["accuracy_matrix"], dtype=float)
+
+
+def read_checkpoints(workdir: str) -> dict[int, tuple[dict, dict]]:
+  """Committed checkpoints of a run: index -> (progress, state as nested numpy dicts)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "progress"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  out = {}
+  for step in manager.all_steps():
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                               progress=ocp.args.JsonRestore()))
+    out[step] = (restored.progress, restored.state)
+  manager.close()
+  return out
+
+
+def _install_pause(spec: str, marker: str) -> None:
+  """Patches the library call of `spec` ('<moment>:<n>') to pause at the n-th occurrence."""
+  moment, n = spec.split(":")
+  n, seen = int(n), [0]
+
+  def maybe_pause():
+    seen[0] += 1
+    if seen[0] == n:
+      with open(marker + ".tmp", "w") as f:
+        f.write(spec)
+      os.replace(marker + ".tmp", marker)
+      time.sleep(3600)
+
+  if moment == "step":
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    original_call = periodic_actions.ReportProgress.__call__
+
+    def call(self, step, *args, **kwargs):
+      if step == n:
+        seen[0] = n - 1
+        maybe_pause()
+      return original_call(self, step, *args, **kwargs)
+    periodic_actions.ReportProgress.__call__ = call
+  elif moment == "eval":
+    from libml import evaluation  # pylint: disable=g-import-not-at-top
+    original_batches = evaluation.Evaluator._batches
+
+    def batches(self, eval_set):
+      for i, batch in enumerate(original_batches(self, eval_set)):
+        if i == 1:
+          maybe_pause()
+        yield batch
+    evaluation.Evaluator._batches = batches
+  elif moment == "commit":
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
+    original_finalize = atomic.finalize
+
+    async def finalize(self, *args, **kwargs):
+      if self.get_final().name.isdigit():  # A whole checkpoint, not one of its items.
+        maybe_pause()
+      return await original_finalize(self, *args, **kwargs)
+    atomic.finalize = finalize
+  else:
+    raise ValueError(f"unknown moment {moment!r}")
+
+
+if __name__ == "__main__":
+  if os.environ.get(PAUSE_ENV):
+    _install_pause(os.environ[PAUSE_ENV], os.environ[MARKER_ENV])
+  import main  # pylint: disable=g-import-not-at-top
+  app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access

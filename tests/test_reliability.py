@@ -1,0 +1,96 @@
+"""Kill -9 anywhere, resume exactly: SIGKILLed runs of main.py against an uninterrupted run."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from libml import checkpointing
+from libml import validation
+from tests import e2e_util
+from tests import run_util
+
+# Written by ReportProgress from wall-clock time; every other scalar must match exactly.
+_TIMING_TAGS = ("steps_per_sec", "uptime")
+
+
+def _latest_progress(workdir: str) -> tuple[int, int]:
+  progress = run_util.read_checkpoints(workdir)
+  progress = progress[max(progress)][0]
+  return progress["task"], progress["task_step"]
+
+
+def _temporary_dirs(workdir: str) -> list[str]:
+  return glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+
+
+def test_half_written_checkpoints_are_never_restored_and_get_cleaned_up(tmp_path):
+  state = {"w": np.arange(4, dtype=np.float32)}
+  checkpointer = checkpointing.RunCheckpointer(str(tmp_path), keep_last_only=False)
+  checkpointer.save(state, {"task": 0, "task_step": 1})
+  checkpointer.save({"w": state["w"] + 1}, {"task": 0, "task_step": 2})
+  checkpointer.close()
+  # What a run killed while writing checkpoint 2 leaves: a temporary directory, half full.
+  torn = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000"
+  (torn / "state").mkdir(parents=True)
+  (torn / "state" / "manifest.ocdbt").write_bytes(b"\x00\x01truncated")
+  reopened = checkpointing.RunCheckpointer(str(tmp_path), keep_last_only=False)
+  restored, progress = reopened.latest(state)
+  np.testing.assert_array_equal(restored["w"], [1, 2, 3, 4])
+  assert progress["task_step"] == 2
+  assert not _temporary_dirs(str(tmp_path))
+  reopened.save(restored, {"task": 0, "task_step": 3})  # Index 2 is free to take.
+  assert reopened.latest(state)[1]["task_step"] == 3
+  reopened.close()
+
+
+def _assert_same_curves(got_dir: str, want_dir: str) -> None:
+  """Every scalar point of `got_dir` equals the uninterrupted run's, and none is missing."""
+  got, want = e2e_util.scalar_tags(got_dir), e2e_util.scalar_tags(want_dir)
+  assert set(got) == set(want)
+  for tag, points in want.items():
+    if tag in _TIMING_TAGS:
+      continue
+    expected = dict(points)
+    assert len(expected) == len(points), tag
+    assert {step for step, _ in got[tag]} == set(expected), tag
+    for step, value in got[tag]:
+      assert value == expected[step], (tag, step, value, expected[step])
+
+
+@pytest.mark.slow
+def test_runs_killed_in_training_evaluation_and_checkpointing_resume_exactly(tmp_path):
+  # Tasks of 4 steps; checkpoints every 2 global steps and after each task's evaluation; loss
+  # means logged every 3 steps of a task and at each checkpoint.
+  flags = run_util.tiny_flags(log_loss_every_steps=3)
+  config = e2e_util.tiny_digits_config(log_loss_every_steps=3)
+  reference_dir = str(tmp_path / "reference")
+  reference = run_util.train_in_process(config, reference_dir)
+
+  workdir, marker = str(tmp_path / "killed"), str(tmp_path / "paused")
+  cmd, environment = run_util.command(workdir, flags), run_util.env(2)
+  run_util.run_and_kill(cmd, environment, "step", 3, marker)
+  assert _latest_progress(workdir) == (0, 2)
+  run_util.run_and_kill(cmd, environment, "eval", 1, marker)  # Resumed at step 2, evaluating task 0.
+  assert _latest_progress(workdir) == (0, 4)
+  run_util.run_and_kill(cmd, environment, "commit", 2, marker)  # Writing the checkpoint of step 6.
+  assert _latest_progress(workdir) == (1, 0)
+  assert len(_temporary_dirs(workdir)) == 1
+  finished = run_util.run(cmd, environment)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+
+  with open(os.path.join(workdir, validation.CONFIG_FILE)) as f:  # Same config as the reference.
+    assert validation.config_differences(json.load(f), validation.config_json(config)) == []
+  np.testing.assert_array_equal(run_util.results_matrix(workdir), reference["accuracy_matrix"])
+  assert not _temporary_dirs(workdir)
+  got, want = run_util.read_checkpoints(workdir), run_util.read_checkpoints(reference_dir)
+  (got_progress, got_state), (want_progress, want_state) = got[max(got)], want[max(want)]
+  assert got_progress == want_progress
+  got_leaves, want_leaves = (dict(jax.tree_util.tree_leaves_with_path(s)) for s in (got_state, want_state))
+  assert got_leaves.keys() == want_leaves.keys()
+  for path, leaf in want_leaves.items():
+    np.testing.assert_array_equal(got_leaves[path], leaf, err_msg=jax.tree_util.keystr(path))
+  _assert_same_curves(workdir, reference_dir)
