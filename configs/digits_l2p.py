@@ -5,7 +5,7 @@
 Needs no download and no checkpoint: the backbone is randomly initialised and, as in L2P,
 frozen, so only prompts, keys and the head learn on random features. Expect accuracies far
 below those of a pretrained backbone; the demo shows the whole run (training, evaluation
-after every task, metrics, TensorBoard, checkpoints) in about two minutes on 2 CPU cores.
+after every task, metrics, TensorBoard, checkpoints) in under a minute on 2 CPU cores.
 """
 
 from configs import common
