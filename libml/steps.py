@@ -6,7 +6,6 @@ compiled function serves every task.
 """
 
 import dataclasses
-from typing import Any
 
 import flax
 import flax.jax_utils

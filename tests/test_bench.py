@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import pytest
 
 from bench import flops
-from bench import step_benchmark
 from configs import cifar100_dualprompt
 from configs import cifar100_l2p
 from libml import optim
