@@ -14,6 +14,7 @@ import optax
 
 from libml.errors import UserError
 
+OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_constant", "warmup_cosine")
 
 
@@ -40,7 +41,7 @@ def create_optimizer(config, params: Any) -> optax.GradientTransformation:
   elif config.optim == "sgd":
     direction = optax.trace(decay=config.sgd_momentum, nesterov=True)
   else:
-    raise UserError(f"Unknown optim {config.optim!r}: use 'adam' or 'sgd'.")
+    raise UserError(f"Unknown optim {config.optim!r}: use one of {', '.join(OPTIMIZERS)}.")
   if config.weight_decay:
     direction = optax.chain(direction, optax.add_decayed_weights(config.weight_decay))
   labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(params, config.freeze_part))

@@ -17,6 +17,7 @@ import optax
 from libml import optim
 
 AXIS = "batch"
+GRAD_CLIP_MODES = ("full", "trainable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class StepOptions:
     needs_query: run the frozen query ViT to get the prompt-matching query.
     pull_coeff: weight of the surrogate loss (0 disables it).
     train_mask: -inf logits for classes outside the current task during training.
-    clip_mode: 'full' (gradients of every parameter) or 'trainable'.
+    clip_mode: one of GRAD_CLIP_MODES: 'full' (gradients of every parameter) or 'trainable'.
     freeze_part: substrings naming frozen parameters.
     base_lr: peak learning rate.
     schedule: learning-rate schedule name.

@@ -25,6 +25,7 @@ import numpy as np
 
 from libml import benchmarks
 from libml import optim
+from libml import steps
 from libml.errors import UserError
 from models import factory
 
@@ -33,8 +34,6 @@ HARMLESS_KEYS = ("data_dir", "log_loss_every_steps", "checkpoint_every_steps", "
                  "prompt_histogram")
 # Anything of these in a workdir means a run was started there.
 _RUN_ENTRIES = (CONFIG_FILE, "checkpoints", "results.json")
-_GRAD_CLIP_MODES = ("full", "trainable")
-_OPTIMIZERS = ("adam", "sgd")
 _MESSAGE_BYTES = 2048
 
 
@@ -80,11 +79,11 @@ def check_config(config) -> None:
   """
   for key in ("per_device_batch_size", "log_loss_every_steps", "checkpoint_every_steps"):
     _positive_int(config, key)
-  if config.optim not in _OPTIMIZERS:
-    raise UserError(f"Unknown optim {config.optim!r}: use one of {', '.join(_OPTIMIZERS)}.")
-  if config.grad_clip_mode not in _GRAD_CLIP_MODES:
+  if config.optim not in optim.OPTIMIZERS:
+    raise UserError(f"Unknown optim {config.optim!r}: use one of {', '.join(optim.OPTIMIZERS)}.")
+  if config.grad_clip_mode not in steps.GRAD_CLIP_MODES:
     raise UserError(f"Unknown grad_clip_mode {config.grad_clip_mode!r}: use one of "
-                    f"{', '.join(_GRAD_CLIP_MODES)}.")
+                    f"{', '.join(steps.GRAD_CLIP_MODES)}.")
   if config.learning_rate_schedule not in optim.SCHEDULES:
     raise UserError(f"Unknown learning_rate_schedule {config.learning_rate_schedule!r}; valid: "
                     f"{', '.join(optim.SCHEDULES)}.")

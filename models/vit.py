@@ -107,7 +107,7 @@ class EncoderBlock(nn.Module):
     mlp_dim: hidden width of the MLP.
     num_heads: attention heads.
     dtype: compute dtype.
-    attention_impl: 'xla' or 'fused', see `attention.PrefixAttention`.
+    attention_impl: 'xla', 'fused' or 'cudnn', see `attention.PrefixAttention`.
     dropout_rate: dropout after attention and inside the MLP at train time.
   """
 
@@ -155,7 +155,7 @@ class Encoder(nn.Module):
     mlp_dim: MLP hidden width.
     num_heads: attention heads.
     dtype: compute dtype.
-    attention_impl: 'xla' or 'fused'.
+    attention_impl: 'xla', 'fused' or 'cudnn'.
     dropout_rate: dropout rate at train time.
   """
 
