@@ -91,7 +91,8 @@ class _Runner:
     self.query_params = steps.replicate(query_params)
     self.options = steps.StepOptions.from_config(config, global_batch)
     # Built once; with `mask_first_epoch` a maskless twin serves the later epochs.
-    step_fn = functools.partial(steps.train_step, model=model, query_model=query_model, tx=self.tx)
+    step_fn = functools.partial(steps.train_step, model=model, query_model=query_model, tx=self.tx,
+                                preprocess=benchmark.device_preprocess)
     self.train_step = jax.pmap(functools.partial(step_fn, options=self.options),
                                axis_name=steps.AXIS, donate_argnums=(0,))
     self.unmasked_train_step = jax.pmap(

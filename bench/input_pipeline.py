@@ -1,10 +1,13 @@
 r"""Throughput of the Split CIFAR-100 training pipeline, on generated data.
 
-  python bench/input_pipeline.py [--steps 30] [--input_size 224]
+  python bench/input_pipeline.py [--steps 30] [--input_size 224] [--on_device]
 
 TFDS is mocked with random 32x32 PNG records (nothing is downloaded). Timed:
-the stream of one task as training consumes it (decode, resize to 256,
-random resized crop to 224, flip, batches of 8 x 16), after warm-up.
+the stream of one task as training consumes it, after warm-up, in batches of
+8 x 16. By default the host prepares the network inputs (resize to 256,
+random resized crop to 224, flip). With --on_device it sends the stored 32x32
+images with their crop windows, as `preprocess_on_device` does; the steps then
+build the inputs (see `bench/step_benchmark.py --source_size 32` for that cost).
 """
 
 import argparse
@@ -47,7 +50,8 @@ def _config(args) -> ml_collections.ConfigDict:
       'dataset': 'cifar100', 'data_dir': None,
       'per_device_batch_size': args.per_device_batch_size,
       'input_size': args.input_size, 'resize_size': args.resize_size,
-      'norm_01': True, 'num_epochs': 5, 'shuffle_buffer_size': 10000,
+      'norm_01': True, 'num_epochs': 5,
+      'preprocess_on_device': args.on_device, 'shuffle_buffer_size': 10000,
       'seed': 0, 'continual': {'num_tasks': 10, 'num_classes_per_task': 10,
                                'rand_seed': -1,
                                'num_train_steps_per_task': -1},
@@ -64,6 +68,8 @@ def main():
   parser.add_argument('--per_device_batch_size', type=int, default=16)
   parser.add_argument('--input_size', type=int, default=224)
   parser.add_argument('--resize_size', type=int, default=256)
+  parser.add_argument('--on_device', action='store_true',
+                      help='send stored images and crop windows (preprocess_on_device)')
   args = parser.parse_args()
   with tfds.testing.mock_data(as_dataset_fn=_fake_cifar100(args.num_examples)):
     start = time.perf_counter()
@@ -81,7 +87,8 @@ def main():
   images = args.steps * args.devices * args.per_device_batch_size
   print(f'batches {tuple(batch["image"].shape)} on {os.cpu_count()} CPUs; '
         f'set-up and warm-up {setup:.1f} s')
-  print(f'{images / elapsed:.0f} images/s')
+  mib = sum(v.nbytes for v in batch.values()) / 2**20
+  print(f'{images / elapsed:.0f} images/s, {mib:.2f} MiB per batch to the devices')
 
 
 if __name__ == '__main__':

@@ -9,6 +9,9 @@ optimizer and train state are built here with random parameters, and the steps o
 [devices, global_batch / devices, H, W, 3] and live on the devices; the prompt vote still
 groups `per_device_batch_size` images of the config. FLOPs per image come from the
 analytic count of `bench/flops.py`; MFU = FLOPs per image x images/s / (peak x devices).
+With --source_size S the batches hold what the input pipeline sends when
+`preprocess_on_device` applies (uint8 S x S images, crop windows and flips) and the timed
+steps include building the network input from them on the devices.
 Peak memory is the device's highest use so far in the process; the measurements run in the
 order train 'trainable', train 'full', eval, so each figure bounds its own step's.
 """
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import flops
+from libml import device_preprocess
 from libml import optim
 from libml import steps
 from libml import train_state
@@ -52,6 +56,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (the fi
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device in --dtype, for MFU.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 100, "Outputs of the classifier head.")
+_SOURCE_SIZE = flags.DEFINE_integer("source_size", 0, "0: batches hold network inputs; S > 0: they hold stored "
+                                    "uint8 S x S images and crop windows, resized on the devices.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON to this path.")
 
 
@@ -81,6 +87,26 @@ def generated_batch(rng, per_device: int, input_size: int, num_labels: int) -> d
             "label": jax.random.randint(label_key, (per_device,), 0, num_labels),
             "mask": jnp.ones((per_device,), bool)}
   return jax.pmap(make)(jax.random.split(rng, jax.local_device_count()))
+
+
+def generated_source_batch(rng: np.random.Generator, per_device: int, source_size: int, resize_size: int,
+                           num_labels: int) -> dict:
+  """Device-resident stored images and crops, as the pipeline sends them for on-device preprocessing.
+
+  Returns:
+    {'image': uint8 [n, b, s, s, 3], 'crop': int32 [n, b, 4] windows of the resize_size square,
+     'flip': bool [n, b], 'label': [n, b] int32, 'mask': all True}.
+  """
+  shape = (jax.local_device_count(), per_device)
+  height = rng.integers(resize_size // 4, resize_size + 1, shape)
+  width = rng.integers(resize_size // 4, resize_size + 1, shape)
+  top, left = (rng.integers(0, resize_size - n + 1) for n in (height, width))
+  batch = {"image": rng.integers(0, 256, shape + (source_size, source_size, 3), np.uint8),
+           "crop": np.stack([top, left, height, width], -1).astype(np.int32),
+           "flip": rng.random(shape) < 0.5,
+           "label": rng.integers(0, num_labels, shape).astype(np.int32),
+           "mask": np.ones(shape, bool)}
+  return next(steps.device_batches(iter([batch])))
 
 
 def time_steps(step, carry, warmup: int, num_steps: int):
@@ -129,7 +155,8 @@ def random_params(model, input_size: int, seed: int):
 class Bench:
   """The models, parameters, data and per-task arrays shared by every measurement."""
 
-  def __init__(self, config, global_batch: int, num_classes: int, *, warmup: int, num_steps: int):
+  def __init__(self, config, global_batch: int, num_classes: int, *, warmup: int, num_steps: int,
+               source_size: int = 0):
     self.config, self.global_batch = config, global_batch
     self.warmup, self.num_steps = warmup, num_steps
     self.model = factory.create_model(config, num_classes)
@@ -139,7 +166,17 @@ class Bench:
     query_keys = factory.param_shapes(self.query_model, config.input_size).keys()
     self.query_params = steps.replicate({k: self.params[k] for k in query_keys})
     task_classes = min(config.continual.num_classes_per_task, num_classes)
-    self.batch = generated_batch(data_rng, global_batch // jax.device_count(), config.input_size, task_classes)
+    per_device = global_batch // jax.device_count()
+    self.preprocess = None
+    if source_size:
+      resize_size = max(config.resize_size, config.input_size)
+      self.preprocess = device_preprocess.DevicePreprocess(
+          input_size=config.input_size, resize_size=resize_size, augment=True, max_value=255.0,
+          norm_01=config.norm_01)
+      self.batch = generated_source_batch(np.random.default_rng(config.seed), per_device, source_size,
+                                          resize_size, task_classes)
+    else:
+      self.batch = generated_batch(data_rng, per_device, config.input_size, task_classes)
     top_k, pool = config.prompt_pool_param.top_k, config.prompt_pool_param.pool_size
     self.task = steps.replicate({
         "class_mask": np.arange(num_classes) < task_classes,
@@ -153,7 +190,7 @@ class Bench:
     """(seconds of each timed train step, final replicated state, last loss)."""
     tx = optim.create_optimizer(self.config, self.params)
     train = jax.pmap(functools.partial(steps.train_step, model=self.model, query_model=self.query_model,
-                                       tx=tx, options=self.options(clip_mode)),
+                                       tx=tx, options=self.options(clip_mode), preprocess=self.preprocess),
                      axis_name=steps.AXIS, donate_argnums=(0,))
     state = steps.replicate(train_state.host_copy(train_state.create(self.params, tx)))
     rng = steps.replicate(self.dropout_rng)
@@ -169,10 +206,11 @@ class Bench:
     """
     options = self.options("full")
     evaluate = jax.pmap(functools.partial(steps.eval_step, model=self.model, query_model=self.query_model,
-                                          options=options), axis_name=steps.AXIS)
-    query = jax.pmap(functools.partial(steps.query_step, query_model=self.query_model), axis_name=steps.AXIS)
+                                          options=options, preprocess=self.preprocess), axis_name=steps.AXIS)
+    query = jax.pmap(functools.partial(steps.query_step, query_model=self.query_model, preprocess=self.preprocess),
+                     axis_name=steps.AXIS)
     class_mask = steps.replicate(np.ones([self.model.num_classes], bool))
-    cached = {**self.batch, "cls_features": query(self.query_params, self.batch["image"])}
+    cached = {**self.batch, "cls_features": query(self.query_params, self.batch)}
     out = {}
     for name, batch in (("cached_query", cached), ("with_query", self.batch)):
       step = lambda _, b=batch: evaluate(params, self.query_params, b, class_mask)
@@ -189,7 +227,10 @@ def run(config_name: str) -> dict:
   global_batch = _GLOBAL_BATCH.value or config.per_device_batch_size * devices
   if global_batch <= 0 or global_batch % devices:
     raise UserError(f"--global_batch {global_batch} must be a positive multiple of the {devices} devices.")
-  bench = Bench(config, global_batch, _NUM_CLASSES.value, warmup=_WARMUP.value, num_steps=_STEPS.value)
+  if _SOURCE_SIZE.value < 0:
+    raise UserError(f"--source_size {_SOURCE_SIZE.value} must be 0 (no on-device preprocessing) or positive.")
+  bench = Bench(config, global_batch, _NUM_CLASSES.value, warmup=_WARMUP.value, num_steps=_STEPS.value,
+                source_size=_SOURCE_SIZE.value)
   options = bench.options("full")
   query_model = bench.query_model if options.needs_query else None
   count = lambda mode: flops.step_flops(bench.model, config.input_size, query_model=query_model,
@@ -200,7 +241,8 @@ def run(config_name: str) -> dict:
       "input_size": config.input_size, "num_classes": _NUM_CLASSES.value, "global_batch": global_batch,
       "per_device_batch": global_batch // devices, "vote_group_size": config.per_device_batch_size,
       "device_kind": jax.devices()[0].device_kind, "device_count": devices, "platform": jax.default_backend(),
-      "dtype": config.dtype, "attention_impl": config.attention_impl, "jax_version": jax.__version__,
+      "dtype": config.dtype, "attention_impl": config.attention_impl,
+      "source_size": _SOURCE_SIZE.value or None, "jax_version": jax.__version__,
       "flax_version": flax.__version__, "warmup_steps": _WARMUP.value, "timed_steps": _STEPS.value,
       "peak_tflops_per_device": _PEAK_TFLOPS.value,
       "flops_convention": "matmul FLOPs per image (2*m*n*k), analytic; see bench/flops.py",
@@ -236,7 +278,8 @@ def format_table(record: dict) -> str:
       f"{record['model_name']} {record['config']}, {record['input_size']}px, global batch {record['global_batch']} "
       f"({record['per_device_batch']}/device, vote groups of {record['vote_group_size']}), "
       f"{record['device_count']} x {record['device_kind']}, {record['dtype']}, {record['attention_impl']} attention, "
-      f"jax {record['jax_version']}",
+      f"jax {record['jax_version']}" + (f", inputs built on the devices from {s}x{s} uint8 images"
+                                        if (s := record.get("source_size")) else ""),
   ]
   for mode, r in record["train"].items():
     f = r["flops_per_image"]

@@ -89,6 +89,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.resize_size = 256
   # Pixels in [0, 1] (True) or [-1, 1].
   config.norm_01 = True
+  # Build the network inputs on the accelerators, inside the steps: the host decodes each image
+  # once and sends it as stored (uint8, e.g. 32x32 for CIFAR) with its crop window and flip; the
+  # steps resize, crop and flip it. Same pixels as on the host up to float rounding. Applies when
+  # every image of the benchmark has one stored shape (all but imagenet_r); else the host does it.
+  config.preprocess_on_device = True
+  # Host memory (MiB) for decoded eval images kept from one evaluation to the next.
+  config.decoded_cache_mb = 1024
   config.shuffle_buffer_size = 10000
   # Fraction of each task's training set to keep (-1: all).
   config.subsample_rate = -1.0

@@ -25,11 +25,14 @@ class Evaluator:
     self._cache = {} if (cache_query_features and options.needs_query) else None
     self._num_eval_steps = num_eval_steps
     self._task_incremental = task_incremental
+    preprocess = benchmark.device_preprocess
     self._eval_step = jax.pmap(
-        functools.partial(steps.eval_step, model=model, query_model=query_model, options=options),
+        functools.partial(steps.eval_step, model=model, query_model=query_model, options=options,
+                          preprocess=preprocess),
         axis_name=steps.AXIS, in_axes=(0, 0, 0, None))
-    self._query_step = jax.pmap(functools.partial(steps.query_step, query_model=query_model),
-                                axis_name=steps.AXIS)
+    self._query_step = jax.pmap(
+        functools.partial(steps.query_step, query_model=query_model, preprocess=preprocess),
+        axis_name=steps.AXIS)
 
   def _batches(self, eval_set: int):
     dataset = self._benchmark.eval_dataset(eval_set)
@@ -62,7 +65,7 @@ class Evaluator:
     for i, batch in enumerate(self._batches(eval_set)):
       if self._cache is not None:
         if cached is None:
-          features.append(self._query_step(query_params, batch["image"]))
+          features.append(self._query_step(query_params, batch))
           batch["cls_features"] = features[-1]
         else:
           batch["cls_features"] = cached[i]

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from libml import benchmarks
+from libml import device_preprocess
 from libml import preprocess
 from libml import record_sources
 from libml.errors import UserError
@@ -80,6 +81,8 @@ class Benchmark:
     num_train_examples: per task, this host's share of the training examples
       (the task's examples divided by the number of hosts, rounded down).
     num_eval_sets: number of eval sets.
+    device_preprocess: how the steps build the network input from the stored
+      images the batches hold, or None when the batches hold network inputs.
   """
 
   def __init__(self, layout: benchmarks.Layout,
@@ -107,6 +110,18 @@ class Benchmark:
     self._resize_size = config.get('resize_size', config.input_size)
     self._norm_01 = config.get('norm_01', True)
     self._cache = None
+    self._eval_cache, self._eval_cache_bytes = {}, 0
+    self._eval_cache_budget = config.get('decoded_cache_mb', 1024) * 2**20
+    parts = list(layout.train) + list(layout.eval_sets)
+    # Images of one stored shape are decoded once; others at every use.
+    self._decoded = {part: source.image_shape(part) is not None
+                     for part in parts}
+    self.device_preprocess = None
+    if config.get('preprocess_on_device', False) and all(self._decoded.values()):
+      self.device_preprocess = device_preprocess.DevicePreprocess(
+          input_size=self._input_size, resize_size=self._resize_size,
+          augment=layout.augment, max_value=source.max_value(parts[0]),
+          norm_01=self._norm_01)
     # Every host keeps the record ids of all hosts: it plans the global batches.
     if layout.schedule is None:
       self._train_ids = [self._task_train_ids(t) for t in range(self.num_tasks)]
@@ -162,7 +177,8 @@ class Benchmark:
     key = (part, ids.tobytes())
     if self._cache is None or self._cache[0] != key:
       self._cache = None  # Frees the previous task's records first.
-      self._cache = (key, self._source.load(part, ids))
+      self._cache = (key, self._source.load(part, ids,
+                                            decoded=self._decoded[part]))
     return self._cache[1]
 
   def _own_slices(self, stream: np.ndarray) -> np.ndarray:
@@ -228,7 +244,10 @@ class Benchmark:
 
     Yields:
       {'image': float32 [devices, per_device_batch, H, W, 3],
-       'label': int32 [devices, per_device_batch]}.
+       'label': int32 [devices, per_device_batch]}; with `device_preprocess`,
+      'image' holds the stored pixels [devices, per_device_batch, h, w, c]
+      and, when augmenting, 'crop' int32 [devices, per_device_batch, 4] and
+      'flip' bool [devices, per_device_batch] (see `preprocess.random_window`).
     """
     num_steps = self.num_train_steps(task)
     if not 0 <= start_step <= num_steps:
@@ -239,12 +258,19 @@ class Benchmark:
       rows, keys = self._gaussian_plan(task, start_step)
     records = self._train_records(task)
     task_seed = int(_rng(self._seed, _AUGMENT, task).integers(2**62))
-    decode = self._source.decoder(self._train_part(task)[0])
+    part = self._train_part(task)[0]
+    decode = self._source.decoder(part, decoded=self._decoded[part])
     resize_only = not self._layout.augment
+    on_device = self.device_preprocess is not None
 
     @_no_autograph
     def prepare(image, label, key):
       seed = tf.stack([tf.constant(task_seed, tf.int64), key])
+      if on_device:  # The steps resize, crop and flip.
+        if resize_only:
+          return {'image': image, 'label': label}
+        window, flip = preprocess.random_window(seed, self._resize_size)
+        return {'image': image, 'label': label, 'crop': window, 'flip': flip}
       image = preprocess.train_image(
           decode(image), seed, resize_size=self._resize_size,
           input_size=self._input_size, resize_only=resize_only)
@@ -263,7 +289,8 @@ class Benchmark:
     Yields:
       {'image': float32 [devices, per_device_batch, H, W, 3],
        'label': int32 [devices, per_device_batch],
-       'mask': bool [devices, per_device_batch] (False on padding)}.
+       'mask': bool [devices, per_device_batch] (False on padding)}; with
+      `device_preprocess`, 'image' holds the stored pixels.
     All hosts yield the same number of batches: this host's blocks of the
     global batches of the eval set in record order, padded at the end.
     """
@@ -277,25 +304,61 @@ class Benchmark:
     # Padding comes last globally, so this host's real examples come first.
     owner = np.arange(len(ids)) // self._local_batch % self._hosts
     local_ids = ids[owner == self._host]
-    decode = self._source.decoder(part)
+    records = self._eval_records(eval_set, local_ids)
+    decode = self._source.decoder(part, decoded=records is not None)
+    pixels = self._source.pixel_decoder(part)
+    shape = self._source.image_shape(part)
+    to_pixels = (tf.identity if records is not None
+                 else lambda image: tf.ensure_shape(pixels(image), shape))
     resize_only = not self._layout.augment
+    on_device = self.device_preprocess is not None
 
     @_no_autograph
     def prepare(example):
-      image = preprocess.eval_image(
-          decode(example['image']), resize_size=self._resize_size,
-          input_size=self._input_size, resize_only=resize_only)
-      return {'image': preprocess.normalize(image, self._norm_01),
-              'label': example['label'], 'mask': tf.constant(True)}
+      if on_device:  # The steps resize and crop.
+        image = to_pixels(example['image'])
+      else:
+        image = preprocess.normalize(preprocess.eval_image(
+            decode(example['image']), resize_size=self._resize_size,
+            input_size=self._input_size, resize_only=resize_only),
+                                     self._norm_01)
+      return {'image': image, 'label': example['label'],
+              'mask': tf.constant(True)}
 
-    ds = self._source.stream(part, local_ids)
+    if records is None:
+      ds = self._source.stream(part, local_ids)
+    else:
+      ds = tf.data.Dataset.from_tensor_slices(
+          {'image': records['image'], 'label': records['label']})
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    size = self._input_size
-    padding = {'image': tf.zeros([size, size, 3]),
+    if on_device:
+      dtype = ds.element_spec['image'].dtype
+    else:
+      shape, dtype = [self._input_size, self._input_size, 3], tf.float32
+    padding = {'image': tf.zeros(shape, dtype),
                'label': tf.constant(0, tf.int32), 'mask': tf.constant(False)}
     ds = ds.concatenate(
         tf.data.Dataset.from_tensors(padding).repeat(total - len(local_ids)))
     return self._batched(ds)
+
+  def _eval_records(self, eval_set: int, ids: np.ndarray) -> dict | None:
+    """Decoded records `ids` of an eval set, kept for later evaluations.
+
+    None when its images vary in size or `decoded_cache_mb` is used up; they
+    are then read and decoded at every evaluation.
+    """
+    if eval_set in self._eval_cache:
+      return self._eval_cache[eval_set]
+    part = self._layout.eval_sets[eval_set]
+    if not self._decoded[part]:
+      return None
+    size = len(ids) * self._source.pixel_bytes(part)
+    if self._eval_cache_bytes + size > self._eval_cache_budget:
+      return None
+    records = self._source.load(part, ids, decoded=True)
+    self._eval_cache[eval_set] = records
+    self._eval_cache_bytes += size
+    return records
 
   def eval_sets_after(self, task: int) -> list[int]:
     return list(self._layout.eval_after[task])

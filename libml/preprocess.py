@@ -42,6 +42,20 @@ def sample_crop(seed: tf.Tensor, side: int) -> tuple[tf.Tensor, tf.Tensor]:
   return begin[:2], size[:2]
 
 
+def random_window(seed: tf.Tensor, side: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """The training crop window and flip of one example.
+
+  Returns:
+    (window, flip): int32 [4] top, left, height, width of the crop in the
+    side x side resized image; bool [] whether to mirror left to right.
+  """
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=2))
+  begin, size = sample_crop(crop_seed, side)
+  flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+  return tf.concat([begin, size], 0), flip
+
+
 def central_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   """The centred size x size window of a square [side, side, 3] image."""
   offset = (image.shape[0] - size) // 2
@@ -68,10 +82,8 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, *, resize_size: int,
   """
   if resize_only:
     return _resize(image, [input_size, input_size])
-  crop_seed, flip_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, num=2))
-  begin, size = sample_crop(crop_seed, resize_size)
-  flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+  window, flip = random_window(seed, resize_size)
+  begin, size = window[:2], window[2:]
   image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
   left = tf.where(flip, resize_size - begin[1] - size[1], begin[1])
   resized = _resize(image, [resize_size, resize_size])

@@ -170,36 +170,87 @@ class RecordSources:
     ds = ds.enumerate().filter(_no_autograph(lambda i, _: tf.gather(keep, i)))
     return ds.map(head)
 
-  def load(self, part: benchmarks.Part, ids: np.ndarray) -> dict:
-    """Records `ids` in host memory, images still encoded.
-
-    Returns:
-      {'image': tf.Tensor string [n] (float32 [n, 8, 8, 1] for digits),
-       'label': np.ndarray int32 [n] head class ids}, in record order.
-    """
-    images, labels = [], []
-    for batch in self.stream(part, ids).batch(1024).as_numpy_iterator():
-      images.append(batch['image'])
-      labels.append(batch['label'])
-    if sum(len(b) for b in labels) != len(ids):
-      raise UserError(f'{part.dataset} split {part.split!r} changed while it '
-                      'was read: prepare it again')
-    return {'image': tf.constant(np.concatenate(images)),
-            'label': np.concatenate(labels)}
-
-  def decoder(self, part: benchmarks.Part):
-    """Function: stored image -> float32 [h, w, 3] in [0, 1]."""
+  def image_shape(self, part: benchmarks.Part) -> tuple[int, ...] | None:
+    """[h, w, c] every image of the part's dataset has, or None if sizes vary."""
     if part.dataset == 'digits':
-      return lambda image: preprocess.to_float_rgb(image, max_value=16.0)
+      return (8, 8, 1)
+    shape = self._builder(part.dataset).info.features['image'].shape
+    return tuple(shape) if None not in shape else None
+
+  def pixel_bytes(self, part: benchmarks.Part) -> int | None:
+    """Host bytes of one decoded image (None if sizes vary)."""
+    shape = self.image_shape(part)
+    if shape is None:
+      return None
+    return int(np.prod(shape)) * (4 if part.dataset == 'digits' else 1)
+
+  def max_value(self, part: benchmarks.Part) -> float:
+    """Stored pixel value of white."""
+    return 16.0 if part.dataset == 'digits' else 255.0
+
+  def pixel_decoder(self, part: benchmarks.Part):
+    """Function: image as read -> its pixels as stored (uint8 [h, w, c])."""
+    if part.dataset == 'digits':  # Stored as pixels already.
+      return lambda image: image
     channels = self._builder(part.dataset).info.features['image'].shape[-1]
 
     def decode(data):
       image = tf.io.decode_image(data, channels=channels,
                                  expand_animations=False)
-      return preprocess.to_float_rgb(
-          tf.ensure_shape(image, [None, None, channels]))
+      return tf.ensure_shape(image, [None, None, channels])
 
     return decode
+
+  def load(self, part: benchmarks.Part, ids: np.ndarray, *,
+           decoded: bool = False) -> dict:
+    """Records `ids` in host memory.
+
+    Args:
+      part: which split and records.
+      ids: sorted record indices (see `select`).
+      decoded: decode the images now (once), in parallel; the part's images must
+        all have one shape (`image_shape`).
+
+    Returns:
+      {'image': tf.Tensor, 'label': np.ndarray int32 [n] head class ids}, in
+      record order. Images are encoded strings [n], or with `decoded` pixels as
+      stored, uint8 [n, h, w, c] (float32 [n, 8, 8, 1] for digits).
+    """
+    ds = self.stream(part, ids)
+    shape = self.image_shape(part)
+    if decoded and part.dataset != 'digits':
+      if shape is None:
+        raise ValueError(f'{part.dataset} images vary in size: not decodable '
+                         'into one array')
+      decode = self.pixel_decoder(part)
+      ds = ds.map(_no_autograph(lambda ex: {
+          'image': tf.ensure_shape(decode(ex['image']), shape),
+          'label': ex['label']}), num_parallel_calls=tf.data.AUTOTUNE)
+    images, labels = [], []
+    for batch in ds.batch(1024).as_numpy_iterator():
+      images.append(batch['image'])
+      labels.append(batch['label'])
+    if sum(len(b) for b in labels) != len(ids):
+      raise UserError(f'{part.dataset} split {part.split!r} changed while it '
+                      'was read: prepare it again')
+    if not images:  # No records: an empty array of the stored kind.
+      dtype = np.float32 if part.dataset == 'digits' else np.uint8
+      images = [np.zeros([0, *shape], dtype) if decoded or dtype == np.float32
+                else np.zeros([0], 'S1')]
+      labels = [np.zeros([0], np.int32)]
+    return {'image': tf.constant(np.concatenate(images)),
+            'label': np.concatenate(labels)}
+
+  def decoder(self, part: benchmarks.Part, *, decoded: bool = False):
+    """Function: stored image -> float32 [h, w, 3] in [0, 1].
+
+    `decoded`: the images are pixels already (`load(..., decoded=True)`).
+    """
+    max_value = self.max_value(part)
+    if decoded or part.dataset == 'digits':
+      return lambda pixels: preprocess.to_float_rgb(pixels, max_value=max_value)
+    decode_pixels = self.pixel_decoder(part)
+    return lambda data: preprocess.to_float_rgb(decode_pixels(data))
 
   def split_size(self, part: benchmarks.Part) -> int:
     return self._split_size(part.dataset, part.split)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from libml import device_preprocess
 from libml import optim
 
 AXIS = "batch"
@@ -98,12 +99,14 @@ def _merge(*flat_parts):
   return flax.traverse_util.unflatten_dict(merged)
 
 
-def train_step(state, batch, query_params, task, rng, *, model, query_model, tx, options: StepOptions):
+def train_step(state, batch, query_params, task, rng, *, model, query_model, tx, options: StepOptions,
+               preprocess: device_preprocess.DevicePreprocess | None = None):
   """One optimisation step on one device's shard of the batch.
 
   Args:
     state: TrainState.
-    batch: {'image': [B, H, W, 3] float32, 'label': [B] int32}.
+    batch: {'image': [B, H, W, 3] float32, 'label': [B] int32}; with `preprocess`, the
+      stored images and crops that `DevicePreprocess.train_images` takes.
     query_params: parameters of the frozen query ViT (unused without a query).
     task: {'class_mask': [num_classes] bool, 'prompt_ids': [top_k] int32,
       'total_steps': int32, 'warmup_steps': int32} for the current task.
@@ -113,7 +116,7 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
     (new_state, metrics) with metrics averaged over devices: loss, train_accuracy,
     learning_rate, l2_grads (global norm of the gradients that clipping sees), reduce_sim.
   """
-  images, labels = batch["image"], batch["label"]
+  images, labels = device_preprocess.train_images(batch, preprocess), batch["label"]
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
   cls_features = query_features(query_model, query_params, images) if options.needs_query else None
   prompt_mask = None
@@ -160,21 +163,23 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def eval_step(params, query_params, batch, class_mask, *, model, query_model, options: StepOptions):
+def eval_step(params, query_params, batch, class_mask, *, model, query_model, options: StepOptions,
+              preprocess: device_preprocess.DevicePreprocess | None = None):
   """Counts on one device's shard of an eval batch, summed over devices.
 
   Args:
     params: model parameters.
     query_params: query ViT parameters (used when the batch holds no 'cls_features').
     batch: {'image': [B, H, W, 3], 'label': [B], 'mask': [B] bool, optional
-      'cls_features': [B, D] precomputed query features}.
+      'cls_features': [B, D] precomputed query features}; with `preprocess`, 'image' holds
+      the stored images.
     class_mask: [num_classes] bool; logits outside it are -inf (task-incremental
       evaluation), all True otherwise.
 
   Returns:
     {'correct', 'count', 'loss_sum': scalars, 'prompt_counts': [pool_size] int32}.
   """
-  images, labels, valid = batch["image"], batch["label"], batch["mask"]
+  images, labels, valid = device_preprocess.eval_images(batch, preprocess), batch["label"], batch["mask"]
   cls_features = batch.get("cls_features")
   if cls_features is None and options.needs_query:
     cls_features = query_features(query_model, query_params, images)
@@ -193,6 +198,6 @@ def eval_step(params, query_params, batch, class_mask, *, model, query_model, op
   return jax.lax.psum(out, AXIS)
 
 
-def query_step(query_params, images, *, query_model):
-  """[B, H, W, 3] -> [B, D] query features, for caching eval features."""
-  return query_features(query_model, query_params, images)
+def query_step(query_params, batch, *, query_model, preprocess: device_preprocess.DevicePreprocess | None = None):
+  """Eval batch (as `eval_step` takes it) -> [B, D] query features, for caching eval features."""
+  return query_features(query_model, query_params, device_preprocess.eval_images(batch, preprocess))

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from libml import device_preprocess
 from libml import evaluation
 from libml import input_pipeline
 from libml import steps
@@ -37,8 +38,8 @@ def test_cached_query_features_equal_recomputed():
     np.testing.assert_allclose(result["loss"], fresh["loss"], rtol=1e-6)
     np.testing.assert_array_equal(result["prompt_counts"], fresh["prompt_counts"])
   # The stored features are the query ViT's pre-logits of the eval images, in order.
-  query = jax.pmap(lambda p, x: steps.query_features(query_model, p, x), axis_name=steps.AXIS)
+  query = jax.pmap(lambda p, b: steps.query_features(
+      query_model, p, device_preprocess.eval_images(b, benchmark.device_preprocess)), axis_name=steps.AXIS)
   for batch, stored in zip(cached._batches(1), features):
-    np.testing.assert_allclose(np.asarray(stored), np.asarray(query(rquery, batch["image"])), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(stored), np.asarray(query(rquery, batch)), rtol=1e-6, atol=1e-6)
   assert first["count"] > 0

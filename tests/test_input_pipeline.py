@@ -177,8 +177,11 @@ def test_imagenet_r_ranks_200_imagenet_ids_and_splits_records_80_20():
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r(ids[labels]),
                               policy=tfds.testing.MockPolicy.USE_CODE):
     bench = _create(pipeline_config('imagenet_r', num_epochs=1,
+                                    preprocess_on_device=True,
                                     **{'continual.num_classes_per_task': 20}))
     assert (bench.num_classes, bench.num_tasks) == (200, 10)
+    # Images of varying size: the host prepares the network inputs.
+    assert bench.device_preprocess is None
     for task in (0, 9):
       mask = np.arange(20 * task, 20 * task + 20)
       np.testing.assert_array_equal(bench.class_masks[task], mask)
