@@ -87,7 +87,7 @@ def main():
   images = args.steps * args.devices * args.per_device_batch_size
   print(f'batches {tuple(batch["image"].shape)} on {os.cpu_count()} CPUs; '
         f'set-up and warm-up {setup:.1f} s')
-  mib = sum(v.nbytes for v in batch.values()) / 2**20
+  mib = sum(v.numpy().nbytes for v in batch.values()) / 2**20
   print(f'{images / elapsed:.0f} images/s, {mib:.2f} MiB per batch to the devices')
 
 

@@ -198,6 +198,14 @@ class Bench:
     seconds, (state, metrics) = time_steps(step, (state, None), self.warmup, self.num_steps)
     return seconds, state, float(np.asarray(metrics["loss"])[0])
 
+  def time_preprocess(self):
+    """{'train': [seconds], 'eval': [seconds]} of building the network inputs alone on the devices."""
+    out = {}
+    for name, fn in (("train", self.preprocess.train_images), ("eval", self.preprocess.eval_images)):
+      build = jax.pmap(fn, axis_name=steps.AXIS)
+      out[name], _ = time_steps(lambda _, f=build: f(self.batch), None, self.warmup, self.num_steps)
+    return out
+
   def time_eval(self, params):
     """{'cached_query': [seconds], 'with_query': [seconds]} of the timed eval steps.
 
@@ -259,6 +267,9 @@ def run(config_name: str) -> dict:
     per_image = f.eval_cached_query if name == "cached_query" else f.eval_with_query
     record["eval"][name] = {"flops_per_image": per_image,
                             **summarize(seconds, global_batch, per_image, _PEAK_TFLOPS.value)}
+  if bench.preprocess is not None:  # Model FLOPs: none are counted for the input.
+    record["preprocess_on_device"] = {name: summarize(seconds, global_batch, 0, None)
+                                      for name, seconds in bench.time_preprocess().items()}
   for mode, train in record["train"].items():
     record["eval_vs_train"][mode] = {name: e["images_per_s"] / train["images_per_s"]
                                      for name, e in record["eval"].items()}
@@ -294,6 +305,8 @@ def format_table(record: dict) -> str:
     lines.append(_row(f"train clip={mode}", r, r["flops_per_image"]["train_total"]))
   for name, r in record["eval"].items():
     lines.append(_row(f"eval {name}", r, r["flops_per_image"]))
+  for name, r in record.get("preprocess_on_device", {}).items():
+    lines.append(_row(f"{name} inputs alone", r, 0))
   for mode, ratios in record["eval_vs_train"].items():
     lines.append(f"eval/train images/s (clip {mode}): " +
                  ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
