@@ -4,12 +4,14 @@ When every image of a benchmark has one stored shape (CIFAR, 5-datasets, CORe50,
 the host sends the small decoded images as stored (uint8 [h, w, c]) with each training
 example's crop window and flip, and the steps build the network input here. That moves
 the bulk of the input work (two bilinear resizes to 224 x 224 float images) off the host
-and cuts the host-to-device traffic 16-fold for CIFAR.
+and cuts the host-to-device traffic about 200-fold for CIFAR (3 KiB instead of 588 KiB per image).
 
 The pixels are those of `libml.preprocess` (TensorFlow's bilinear resize with half-pixel
-centres, no antialiasing) up to float rounding: each resize is a linear map per axis, so
-"resize to R, crop a window, resize to I, flip" is out = Wy @ image @ Wx^T with
-Wy [I, h] and Wx [I, w] built from the window. Two small matmuls per image and channel.
+centres, no antialiasing): each resize is a linear map per axis, so "resize to R, crop a
+window, resize to I, flip" is out = Wy @ image @ Wx^T with Wy [I, h] and Wx [I, w] built
+from the window, a few small matmuls per image. They agree up to float rounding, within
+3e-5 of the pixel range: compiled, a sampling position near 224 may round one float32 step differently (in a
+fused multiply-add, say), far below the 4e-3 step of a bfloat16 input.
 """
 
 import dataclasses
@@ -89,7 +91,8 @@ class DevicePreprocess:
       if not self.augment:
         return resize_weights(size, stored)
       # The central window of the resize_size square (a selection), after the resize to it.
-      return resize_weights(size, size, (side - size) // 2, side) @ resize_weights(side, stored)
+      return jnp.matmul(resize_weights(size, size, (side - size) // 2, side),
+                        resize_weights(side, stored), precision=_HIGHEST)
 
     wy, wx = weights(h), weights(w)
     return _apply(jnp.broadcast_to(wy, (b,) + wy.shape), images,

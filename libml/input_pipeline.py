@@ -4,8 +4,9 @@
 function of `config.seed` and (task, epoch, record), so `train_dataset(task,
 start_step)` yields exactly the batches an uninterrupted run yields from
 `start_step` on: a resumed run sees the same data. A task's training records
-are read once into host memory (still encoded) and replayed in seeded
-orders; skipping steps costs nothing. Eval sets stream from TFDS in record
+are read once into host memory (decoded where every image has one stored
+shape, else still encoded) and replayed in seeded orders; skipping steps
+costs nothing. Eval sets stream from TFDS in record
 order, every example once, padded to whole batches with `mask` False.
 
 On several hosts, every host plans the global batches (all hosts' devices)
@@ -117,10 +118,14 @@ class Benchmark:
     self._decoded = {part: source.image_shape(part) is not None
                      for part in parts}
     self.device_preprocess = None
-    if config.get('preprocess_on_device', False) and all(self._decoded.values()):
+    if config.get('preprocess_on_device', True) and all(self._decoded.values()):
+      max_values = {source.max_value(part) for part in parts}
+      if len(max_values) != 1:
+        raise ValueError(f'{self.name} stores pixels on several scales: '
+                         f'{sorted(max_values)}')
       self.device_preprocess = device_preprocess.DevicePreprocess(
           input_size=self._input_size, resize_size=self._resize_size,
-          augment=layout.augment, max_value=source.max_value(parts[0]),
+          augment=layout.augment, max_value=max_values.pop(),
           norm_01=self._norm_01)
     # Every host keeps the record ids of all hosts: it plans the global batches.
     if layout.schedule is None:
@@ -172,7 +177,7 @@ class Benchmark:
     return self._layout.train[task], self._train_ids[task]
 
   def _train_records(self, task: int) -> dict:
-    """The task's encoded records (the last task's are kept)."""
+    """The task's records, decoded where they can be (the last task's are kept)."""
     part, ids = self._train_part(task)
     key = (part, ids.tobytes())
     if self._cache is None or self._cache[0] != key:

@@ -189,7 +189,10 @@ class RecordSources:
     return 16.0 if part.dataset == 'digits' else 255.0
 
   def pixel_decoder(self, part: benchmarks.Part):
-    """Function: image as read -> its pixels as stored (uint8 [h, w, c])."""
+    """Function: image as read -> its pixels as stored.
+
+    uint8 [h, w, c]; digits are stored as pixels, float32 [8, 8, 1] in 0..16.
+    """
     if part.dataset == 'digits':  # Stored as pixels already.
       return lambda image: image
     channels = self._builder(part.dataset).info.features['image'].shape[-1]

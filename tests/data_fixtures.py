@@ -16,6 +16,8 @@ def pipeline_config(dataset: str, **overrides) -> ml_collections.ConfigDict:
       'input_size': 8, 'resize_size': 10, 'norm_01': True, 'num_epochs': 2,
       'shuffle_buffer_size': 10000, 'seed': 0, 'subsample_rate': -1.0,
       'reverse_task': False, 'gaussian_schedule': False,
+      # The host prepares network inputs; tests of the device path turn it on.
+      'preprocess_on_device': False,
       'continual': {'num_tasks': 10, 'num_classes_per_task': 10,
                     'rand_seed': -1, 'num_train_steps_per_task': -1},
   })

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from libml import device_preprocess
 from libml import evaluation
@@ -11,9 +12,12 @@ from models import factory
 from tests import e2e_util
 
 
-def test_cached_query_features_equal_recomputed():
-  config = e2e_util.tiny_digits_config(**{"prompt_pool_param.batchwise_prompt_at_test": False})
+@pytest.mark.parametrize("on_device", [True, False])
+def test_cached_query_features_equal_recomputed(on_device):
+  config = e2e_util.tiny_digits_config(**{"prompt_pool_param.batchwise_prompt_at_test": False,
+                                          "preprocess_on_device": on_device})
   benchmark = input_pipeline.create_benchmark(config)
+  assert (benchmark.device_preprocess is not None) == on_device
   model = factory.create_model(config, benchmark.num_classes)
   query_model = factory.create_query_model(config, benchmark.num_classes)
   params = factory.init_params(model, jax.random.PRNGKey(0), config.input_size)
