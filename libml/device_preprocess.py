@@ -10,8 +10,9 @@ The pixels are those of `libml.preprocess` (TensorFlow's bilinear resize with ha
 centres, no antialiasing): each resize is a linear map per axis, so "resize to R, crop a
 window, resize to I, flip" is out = Wy @ image @ Wx^T with Wy [I, h] and Wx [I, w] built
 from the window, a few small matmuls per image. They agree up to float rounding, within
-3e-5 of the pixel range: compiled, a sampling position near 224 may round one float32 step differently (in a
-fused multiply-add, say), far below the 4e-3 step of a bfloat16 input.
+3e-5 of the pixel range: compiled, a sampling position near 224 may round one float32
+step differently (in a fused multiply-add, say), far below the 4e-3 step of a bfloat16
+input.
 """
 
 import dataclasses

@@ -3,7 +3,9 @@
 Images enter as float32 [h, w, 3] in [0, 1] (see `to_float_rgb`). Train: resize
 to `resize_size`, random resized crop (5%-100% of the area) to `input_size`,
 random horizontal flip. Eval: resize, central crop. All randomness is
-stateless: the same seed gives the same crop and flip.
+stateless: the same seed gives the same crop and flip. With
+`preprocess_on_device` only `random_window` runs here, and
+`libml.device_preprocess` builds the same pixels on the accelerators.
 """
 
 import tensorflow as tf

@@ -198,6 +198,7 @@ def eval_step(params, query_params, batch, class_mask, *, model, query_model, op
   return jax.lax.psum(out, AXIS)
 
 
-def query_step(query_params, batch, *, query_model, preprocess: device_preprocess.DevicePreprocess | None = None):
+def query_step(query_params, batch, *, query_model,
+               preprocess: device_preprocess.DevicePreprocess | None = None):
   """Eval batch (as `eval_step` takes it) -> [B, D] query features, for caching eval features."""
   return query_features(query_model, query_params, device_preprocess.eval_images(batch, preprocess))
