@@ -191,14 +191,15 @@ def test_count_matches_the_products_of_the_real_train_step(method, clip_mode):
   assert traced == expected.train
 
 
-def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
+@pytest.mark.parametrize("source_size", [0, 8])
+def test_benchmark_runs_end_to_end_on_cpu(tmp_path, source_size):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              # Two devices as in training; unoptimised CPU code compiles faster (the figures are not checked).
              XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
   cmd = [sys.executable, os.path.join(REPO, "bench", "step_benchmark.py"), "--config", "cifar100_l2p",
          "--model_name", "ViT-test", "--input_size", "32", "--global_batch", "4", "--steps", "2", "--warmup", "1",
-         "--peak_tflops", "0.5", "--json_out", str(out)]
+         "--peak_tflops", "0.5", "--source_size", str(source_size), "--json_out", str(out)]
   proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "train clip=full" in proc.stdout and "eval cached_query" in proc.stdout
@@ -209,6 +210,10 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
   assert record["device_kind"] and record["jax_version"] and "--global_batch 4" in record["command"]
   assert set(record["train"]) == {"trainable", "full"}
   assert set(record["eval"]) == {"cached_query", "with_query"}
+  # With stored 8x8 images the steps build the inputs, and that is also timed alone.
+  assert record["source_size"] == (source_size or None)
+  assert set(record.get("preprocess_on_device", {})) == ({"train", "eval"} if source_size else set())
+  assert ("train inputs alone" in proc.stdout) == bool(source_size)
 
   config = cifar100_l2p.get_config()
   config.model_name = "ViT-test"
