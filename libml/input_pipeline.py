@@ -393,6 +393,9 @@ def _check_sizes(config):
                        ('num_epochs', 1)):
     if (config.get(key, default) or 0) <= 0:
       raise UserError(f'{key}={config.get(key)} must be a positive integer')
+  if config.get('decoded_cache_mb', 0) < 0:
+    raise UserError(f'decoded_cache_mb={config.decoded_cache_mb} must be >= 0 '
+                    '(0 decodes the test images at every evaluation)')
 
 
 def create_benchmark(config, *, num_local_devices: int | None = None,
