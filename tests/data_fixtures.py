@@ -21,12 +21,7 @@ def pipeline_config(dataset: str, **overrides) -> ml_collections.ConfigDict:
       'continual': {'num_tasks': 10, 'num_classes_per_task': 10,
                     'rand_seed': -1, 'num_train_steps_per_task': -1},
   })
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

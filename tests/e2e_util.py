@@ -18,12 +18,7 @@ def tiny_digits_config(**overrides):
   config.checkpoint_every_steps = 2
   config.save_last_ckpt_only = False
   config.shuffle_buffer_size = 64
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -171,12 +171,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
       pool_size=10, length=5, top_k=1, initializer='uniform',
       prompt_key=True, prompt_key_init='uniform', batchwise_prompt=True,
       batchwise_prompt_at_test=True, embedding_key='cls'))
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
