@@ -96,6 +96,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.preprocess_on_device = True
   # Host memory (MiB) for decoded eval images kept from one evaluation to the next.
   config.decoded_cache_mb = 1024
+  # Host memory (MiB) for a task's decoded training images; a larger task keeps its images
+  # encoded and decodes them at every use.
+  config.decoded_train_mb = 4096
   config.shuffle_buffer_size = 10000
   # Fraction of each task's training set to keep (-1: all).
   config.subsample_rate = -1.0

@@ -4,15 +4,17 @@
 function of `config.seed` and (task, epoch, record), so `train_dataset(task,
 start_step)` yields exactly the batches an uninterrupted run yields from
 `start_step` on: a resumed run sees the same data. A task's training records
-are read once into host memory (decoded where every image has one stored
-shape, else still encoded) and replayed in seeded orders; skipping steps
-costs nothing. Eval sets stream from TFDS in record
-order, every example once, padded to whole batches with `mask` False.
+are read once into host memory and replayed in seeded orders; skipping steps
+costs nothing. They are kept decoded where every image has one stored shape
+and they fit in `decoded_train_mb`, else encoded and decoded at every use.
+Eval sets are read in record order, every example once, padded to whole
+batches with `mask` False; decoded test images are kept between evaluations
+up to `decoded_cache_mb`.
 
 On several hosts, every host plans the global batches (all hosts' devices)
-and decodes only its own slice of each: host h's batch i is the h-th block of
-`num_local_devices * per_device_batch_size` examples of global batch i, so a
-run's batches do not depend on how its devices are spread over hosts.
+and prepares only its own slice of each: host h's batch i is the h-th block
+of `num_local_devices * per_device_batch_size` examples of global batch i, so
+a run's batches do not depend on how its devices are spread over hosts.
 """
 
 import math
@@ -113,12 +115,13 @@ class Benchmark:
     self._cache = None
     self._eval_cache, self._eval_cache_bytes = {}, 0
     self._eval_cache_budget = config.get('decoded_cache_mb', 1024) * 2**20
+    self._train_budget = config.get('decoded_train_mb', 4096) * 2**20
     parts = list(layout.train) + list(layout.eval_sets)
     # Images of one stored shape are decoded once; others at every use.
-    self._decoded = {part: source.image_shape(part) is not None
-                     for part in parts}
+    self._one_shape = {part: source.image_shape(part) is not None
+                       for part in parts}
     self.device_preprocess = None
-    if config.get('preprocess_on_device', True) and all(self._decoded.values()):
+    if config.get('preprocess_on_device', True) and all(self._one_shape.values()):
       max_values = {source.max_value(part) for part in parts}
       if len(max_values) != 1:
         raise ValueError(f'{self.name} stores pixels on several scales: '
@@ -176,14 +179,24 @@ class Benchmark:
       return self._layout.train[0], self._train_ids[0]
     return self._layout.train[task], self._train_ids[task]
 
+  def _train_decoded(self, task: int) -> bool:
+    """Whether the task's training images are kept decoded.
+
+    They are when they all have one stored shape and their pixels fit in
+    `decoded_train_mb`; otherwise they stay encoded and are decoded at every use.
+    """
+    part, ids = self._train_part(task)
+    return (self._one_shape[part] and
+            len(ids) * self._source.pixel_bytes(part) <= self._train_budget)
+
   def _train_records(self, task: int) -> dict:
     """The task's records, decoded where they can be (the last task's are kept)."""
     part, ids = self._train_part(task)
     key = (part, ids.tobytes())
     if self._cache is None or self._cache[0] != key:
       self._cache = None  # Frees the previous task's records first.
-      self._cache = (key, self._source.load(part, ids,
-                                            decoded=self._decoded[part]))
+      self._cache = (key, self._source.load(
+          part, ids, decoded=self._train_decoded(task)))
     return self._cache[1]
 
   def _own_slices(self, stream: np.ndarray) -> np.ndarray:
@@ -264,7 +277,9 @@ class Benchmark:
     records = self._train_records(task)
     task_seed = int(_rng(self._seed, _AUGMENT, task).integers(2**62))
     part = self._train_part(task)[0]
-    decode = self._source.decoder(part, decoded=self._decoded[part])
+    decoded = self._train_decoded(task)
+    decode = self._source.decoder(part, decoded=decoded)
+    to_pixels = self._pixels(part, decoded)
     resize_only = not self._layout.augment
     on_device = self.device_preprocess is not None
 
@@ -272,6 +287,7 @@ class Benchmark:
     def prepare(image, label, key):
       seed = tf.stack([tf.constant(task_seed, tf.int64), key])
       if on_device:  # The steps resize, crop and flip.
+        image = to_pixels(image)
         if resize_only:
           return {'image': image, 'label': label}
         window, flip = preprocess.random_window(seed, self._resize_size)
@@ -311,10 +327,7 @@ class Benchmark:
     local_ids = ids[owner == self._host]
     records = self._eval_records(eval_set, local_ids)
     decode = self._source.decoder(part, decoded=records is not None)
-    pixels = self._source.pixel_decoder(part)
-    shape = self._source.image_shape(part)
-    to_pixels = (tf.identity if records is not None
-                 else lambda image: tf.ensure_shape(pixels(image), shape))
+    to_pixels = self._pixels(part, records is not None)
     resize_only = not self._layout.augment
     on_device = self.device_preprocess is not None
 
@@ -337,6 +350,7 @@ class Benchmark:
           {'image': records['image'], 'label': records['label']})
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     if on_device:
+      shape = self._source.image_shape(part)
       dtype = ds.element_spec['image'].dtype
     else:
       shape, dtype = [self._input_size, self._input_size, 3], tf.float32
@@ -345,6 +359,14 @@ class Benchmark:
     ds = ds.concatenate(
         tf.data.Dataset.from_tensors(padding).repeat(total - len(local_ids)))
     return self._batched(ds)
+
+  def _pixels(self, part: benchmarks.Part, decoded: bool):
+    """Function: image as held (decoded or not) -> its pixels as stored."""
+    if decoded:
+      return tf.identity
+    pixels, shape = (self._source.pixel_decoder(part),
+                     self._source.image_shape(part))
+    return lambda image: tf.ensure_shape(pixels(image), shape)
 
   def _eval_records(self, eval_set: int, ids: np.ndarray) -> dict | None:
     """Decoded records `ids` of an eval set, kept for later evaluations.
@@ -355,7 +377,7 @@ class Benchmark:
     if eval_set in self._eval_cache:
       return self._eval_cache[eval_set]
     part = self._layout.eval_sets[eval_set]
-    if not self._decoded[part]:
+    if not self._one_shape[part]:
       return None
     size = len(ids) * self._source.pixel_bytes(part)
     if self._eval_cache_bytes + size > self._eval_cache_budget:
@@ -393,9 +415,11 @@ def _check_sizes(config):
                        ('num_epochs', 1)):
     if (config.get(key, default) or 0) <= 0:
       raise UserError(f'{key}={config.get(key)} must be a positive integer')
-  if config.get('decoded_cache_mb', 0) < 0:
-    raise UserError(f'decoded_cache_mb={config.decoded_cache_mb} must be >= 0 '
-                    '(0 decodes the test images at every evaluation)')
+  for key, images in (('decoded_cache_mb', 'test images at every evaluation'),
+                      ('decoded_train_mb', 'training images at every use')):
+    if config.get(key, 0) < 0:
+      raise UserError(f'{key}={config[key]} must be >= 0 (0 decodes the '
+                      f'{images})')
 
 
 def create_benchmark(config, *, num_local_devices: int | None = None,

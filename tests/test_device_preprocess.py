@@ -150,6 +150,24 @@ def test_train_records_decoded_once_equal_tfds_pixels():
   np.testing.assert_array_equal(images, decoded[ids])
 
 
+@pytest.mark.parametrize('on_device', [True, False])
+def test_training_images_beyond_budget_stay_encoded_and_give_the_same_batches(on_device):
+  def train(budget_mb):
+    bench = _create(pipeline_config('cifar100', preprocess_on_device=on_device, num_epochs=3,
+                                    decoded_train_mb=budget_mb))
+    return bench, batches(bench.train_dataset(0, start_step=1))
+
+  decoded, want = train(1)  # 60 mock records of 3 KiB: within 1 MiB.
+  encoded, got = train(0)
+  assert decoded._train_records(0)['image'].dtype == tf.uint8
+  assert encoded._train_records(0)['image'].dtype == tf.string
+  assert len(want) == len(got) > 1
+  for a, b in zip(want, got):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_eval_images_cached_within_budget_and_streamed_beyond_it():
   def eval_batches(budget_mb):
     bench = _create(pipeline_config('cifar100', preprocess_on_device=True,

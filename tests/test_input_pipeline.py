@@ -296,6 +296,7 @@ def test_subsample_rate_steps_cap_and_reverse_task():
     ({'resize_size': 4}, 'resize_size=4 is smaller than input_size=8'),
     ({'subsample_rate': 2.0}, 'subsample_rate=2.0'),
     ({'decoded_cache_mb': -1}, 'decoded_cache_mb=-1 must be >= 0'),
+    ({'decoded_train_mb': -1}, 'decoded_train_mb=-1 must be >= 0'),
 ])
 def test_bad_settings_are_one_line_user_errors(overrides, match):
   config = pipeline_config(overrides.pop('dataset', 'cifar100'), **overrides)
