@@ -221,6 +221,7 @@ class RecordSources:
     """
     ds = self.stream(part, ids)
     shape = self.image_shape(part)
+    pixels = decoded or part.dataset == 'digits'
     if decoded and part.dataset != 'digits':
       if shape is None:
         raise ValueError(f'{part.dataset} images vary in size: not decodable '
@@ -229,20 +230,33 @@ class RecordSources:
       ds = ds.map(_no_autograph(lambda ex: {
           'image': tf.ensure_shape(decode(ex['image']), shape),
           'label': ex['label']}), num_parallel_calls=tf.data.AUTOTUNE)
-    images, labels = [], []
-    for batch in ds.batch(1024).as_numpy_iterator():
-      images.append(batch['image'])
-      labels.append(batch['label'])
-    if sum(len(b) for b in labels) != len(ids):
+    if pixels:  # Written in place: loading holds the images once.
+      dtype = np.float32 if part.dataset == 'digits' else np.uint8
+      images = _aligned_empty((len(ids), *shape), dtype)
+    else:
+      images = []
+    labels = np.zeros([len(ids)], np.int32)
+    count = 0
+    for batch in ds.batch(256).as_numpy_iterator():
+      n = len(batch['label'])
+      if count + n > len(ids):  # More records than selected: changed.
+        count = -1
+        break
+      if pixels:
+        images[count:count + n] = batch['image']
+      else:
+        images.append(batch['image'])
+      labels[count:count + n] = batch['label']
+      count += n
+    if count != len(ids):
       raise UserError(f'{part.dataset} split {part.split!r} changed while it '
                       'was read: prepare it again')
-    if not images:  # No records: an empty array of the stored kind.
-      dtype = np.float32 if part.dataset == 'digits' else np.uint8
-      images = [np.zeros([0, *shape], dtype) if decoded or dtype == np.float32
-                else np.zeros([0], 'S1')]
-      labels = [np.zeros([0], np.int32)]
-    return {'image': tf.constant(np.concatenate(images)),
-            'label': np.concatenate(labels)}
+    if pixels:
+      image = _wrap(images)
+    else:
+      image = tf.constant(np.concatenate(images) if images else
+                          np.zeros([0], 'S1'))
+    return {'image': image, 'label': labels}
 
   def decoder(self, part: benchmarks.Part, *, decoded: bool = False):
     """Function: stored image -> float32 [h, w, 3] in [0, 1].
@@ -257,6 +271,28 @@ class RecordSources:
 
   def split_size(self, part: benchmarks.Part) -> int:
     return self._split_size(part.dataset, part.split)
+
+
+# TensorFlow's kernels need their inputs on this boundary (EIGEN_MAX_ALIGN_BYTES).
+_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on an `_ALIGN`-byte boundary."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  buffer = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -buffer.ctypes.data % _ALIGN
+  return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _wrap(array: np.ndarray) -> tf.Tensor:
+  """A tf.Tensor over an aligned array's memory, without a copy.
+
+  The tensor keeps the array alive; the array must not change afterwards.
+  """
+  if not array.size:
+    return tf.constant(array)
+  return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
 def replay(records: dict, rows: np.ndarray,

@@ -1,9 +1,10 @@
-"""Analytic FLOP count (against hand computations) and the step benchmark, end to end on CPU."""
+"""Analytic FLOP count (against hand computations) and the benchmarks, end to end on CPU."""
 
 import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -232,3 +233,23 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, source_size):
     assert ev["flops_per_image"] == (expected.eval_cached_query if name == "cached_query" else expected.eval_with_query)
     for mode, train in record["train"].items():
       assert record["eval_vs_train"][mode][name] == pytest.approx(ev["images_per_s"] / train["images_per_s"])
+
+
+# Per batch of 2 x 4: float32 16x16x3 inputs or uint8 32x32x3 stored images, 24 KiB either way.
+@pytest.mark.parametrize("script, args, wanted", [
+    ("input_pipeline.py", ["--steps", "2", "--warmup_steps", "1", "--num_examples", "400", "--devices", "2",
+                           "--per_device_batch_size", "4", "--input_size", "16", "--resize_size", "18"],
+     r"batches \(2, 4, 16, 16, 3\) .*\n\d+ images/s, 0\.02 MiB per batch"),
+    ("input_pipeline.py", ["--steps", "2", "--warmup_steps", "1", "--num_examples", "400", "--devices", "2",
+                           "--per_device_batch_size", "4", "--on_device"],
+     r"batches \(2, 4, 32, 32, 3\) .*\n\d+ images/s, 0\.02 MiB per batch"),
+    # 300 images of 128 x 128 x 3 bytes: 14.06 MiB.
+    ("load_memory.py", ["--num_examples", "300"],
+     r"300 images \(128, 128, 3\): 14 MiB decoded\nwhile loading: \+\d+ MiB \([\d.]+x the images\)"),
+])
+def test_host_benchmarks_run_on_generated_data(tmp_path, script, args, wanted):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args], cwd=tmp_path,
+                        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(wanted, proc.stdout), proc.stdout

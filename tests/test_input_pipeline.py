@@ -330,3 +330,18 @@ def test_preprocess_matches_resize_crop_resize_flip():
                              tf.image.resize(image, [16, 16])[3:13, 3:13])
   gray = preprocess.to_float_rgb(tf.constant([[[255]], [[0]]], tf.uint8))
   np.testing.assert_array_equal(gray, [[[1, 1, 1]], [[0, 0, 0]]])
+
+
+@pytest.mark.parametrize('shape, dtype', [((3, 5, 5, 3), np.uint8), ((7, 8, 8, 1), np.float32),
+                                          ((0, 4, 4, 3), np.uint8)])
+def test_decoded_images_are_aligned_and_read_by_tensorflow_in_place(shape, dtype):
+  for _ in range(4):  # Fresh allocations land on different offsets.
+    array = record_sources._aligned_empty(shape, dtype)
+    assert array.shape == shape and array.dtype == dtype
+    assert array.ctypes.data % 64 == 0 or not array.size
+    array[...] = np.arange(array.size).reshape(shape)
+    tensor = record_sources._wrap(array)
+    np.testing.assert_array_equal(tf.gather(tensor, np.arange(shape[0])[::-1]).numpy(), array[::-1])
+    if array.size:  # The tensor reads the array's memory: no copy was made.
+      array.flat[0] = 99
+      assert tensor.numpy().flat[0] == 99
