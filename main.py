@@ -114,7 +114,7 @@ def _print_summary(results, workdir) -> None:
   print(reporting.format_matrix(results["accuracy_matrix"]))
   for key in ("avg_acc", "forgetting", "backward", "learning_acc"):
     if key in results:
-      print(f"{key:>13}: {results[key]:.2f}")
+      print(f"{key + ' (%)':>17}: {results[key]:.2f}")
   print(f"\nResults: {workdir}/results.json\nCurves:  tensorboard --logdir {workdir}")
 
 

@@ -182,7 +182,9 @@ class _Runner:
                        (config.eval_per_epochs > 0 and done % (per_epoch * config.eval_per_epochs) == 0))
       if periodic_eval and done < total and not config.eval_last_only:
         results = self.evaluate(rstate, task, benchmark.eval_sets_after(task) or [0])
-        self.writer.write_scalars(global_step, {f"accuracy_{i}": r["accuracy"] for i, r in results.items()})
+        self.writer.write_scalars(global_step, reporting.eval_scalars(results))
+        if config.prompt_histogram and self.options.pool_size > 0:
+          reporting.write_histograms(self.writer, global_step, results)
       if checkpoint:
         self.save(rstate, {**progress, "task_step": done})
     progress["task_step"] = total
@@ -194,7 +196,10 @@ class _Runner:
     for i, v in enumerate(values):
       if not np.isfinite(v["loss"]):
         raise _diverged(f"the loss is {v['loss']}", task, done - len(values) + 1 + i, self.last_saved)
-    self.writer.write_scalars(global_step, {k: float(np.mean([v[k] for v in values])) for k in values[0]})
+    scalars = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    # As the original's train metrics: the spread of the window's losses and the task.
+    scalars.update(loss_std=float(np.std([v["loss"] for v in values])), task_id=task)
+    self.writer.write_scalars(global_step, scalars)
 
 
 def _train_tasks(config, benchmark, runner: _Runner, progress: dict) -> np.ndarray:
@@ -213,8 +218,8 @@ def _train_tasks(config, benchmark, runner: _Runner, progress: dict) -> np.ndarr
         matrix[i, task] = r["accuracy"]
       final = reporting.write_evaluation(runner.writer, int(runner.state.step), task, matrix, results,
                                          histogram=config.prompt_histogram and runner.options.pool_size > 0)
-      logging.info("After task %d:\n%s\n%s", task, reporting.format_matrix(matrix),
-                   {k: round(v, 2) for k, v in final.items() if not k.startswith(("accuracy_", "eval_loss_"))})
+      logging.info("After task %d (accuracy, %%):\n%s\n%s", task, reporting.format_matrix(matrix),
+                   {k: round(v, 2) for k, v in final.items()})
     progress = {**progress, "task": task + 1, "task_step": 0,
                 "accuracy_matrix": continual_metrics.matrix_to_json(matrix)}
     if eval_sets or task == benchmark.num_tasks - 1:

@@ -9,45 +9,38 @@ from typing import Mapping
 import numpy as np
 
 
-def _nanmean(values) -> float:
-  values = np.asarray(values, dtype=np.float64)
-  values = values[~np.isnan(values)]
-  return float(values.mean()) if values.size else float("nan")
-
-
 def summarize(matrix: np.ndarray, task: int) -> Mapping[str, float]:
-  """The metrics of the original after training `task`.
+  """The metrics of the original after training `task`, in the matrix's unit.
+
+  As the original, the formulas read a square [T, T] matrix with 0 wherever nothing was
+  evaluated: rows past the eval sets (one shared test set, as CORe50's, fills row 0 only)
+  and skipped evaluations (`eval_last_only`) count as accuracy 0.
 
   Args:
     matrix: [num_eval_sets, num_tasks] accuracy matrix, NaN where not evaluated.
-    task: index of the task just trained (a column of `matrix`).
+    task: index t of the task just trained (a column of `matrix`).
 
   Returns:
-    `avg_acc`: mean accuracy over the eval sets evaluated after `task`.
-    `learning_acc`: mean of the diagonal A[i, i] for i <= task.
-    `forgetting` (task > 0): mean over eval sets i < task of
-      (max of A[i, j] over the earlier columns j < task) - A[i, task].
-    `backward` (task > 0): mean over i < task of A[i, task] - A[i, i].
+    `avg_acc`: mean accuracy over the eval sets evaluated after task t.
+    `learning_acc`: mean of the diagonal A[i, i], i <= t.
+    `forgetting` (t > 0): mean over i < t of max(A[i, 0..t]) - A[i, t]; the max
+      includes column t, so no term is negative.
+    `backward` (t > 0): mean over i < t of A[i, t] - A[i, i].
   """
   a = np.asarray(matrix, dtype=np.float64)
-  column = a[:, task]
-  diagonal = np.array([a[i, i] for i in range(min(a.shape[0], task + 1))])
-  metrics = {"avg_acc": _nanmean(column), "learning_acc": _nanmean(diagonal)}
+  column = a[:, task][~np.isnan(a[:, task])]
+  num_tasks = a.shape[1]
+  square = np.zeros([num_tasks, num_tasks])
+  square[:min(a.shape[0], num_tasks)] = np.nan_to_num(a[:num_tasks], nan=0.0)
+  diagonal = np.diag(square)
+  metrics = {"learning_acc": float(diagonal[:task + 1].mean())}
+  if column.size:
+    metrics["avg_acc"] = float(column.mean())
   if task > 0:
-    earlier = np.arange(min(a.shape[0], task))
-    forgetting, backward = [], []
-    for i in earlier:
-      if np.isnan(a[i, task]):
-        continue
-      previous = a[i, :task]
-      if np.all(np.isnan(previous)):
-        continue
-      forgetting.append(np.nanmax(previous) - a[i, task])
-      if i < a.shape[1] and not np.isnan(a[i, i]):
-        backward.append(a[i, task] - a[i, i])
-    metrics["forgetting"] = _nanmean(forgetting)
-    metrics["backward"] = _nanmean(backward)
-  return {k: v for k, v in metrics.items() if not np.isnan(v)}
+    seen = square[:task, :task + 1]
+    metrics["forgetting"] = float((seen.max(axis=1) - seen[:, task]).mean())
+    metrics["backward"] = float((seen[:, task] - diagonal[:task]).mean())
+  return metrics
 
 
 def matrix_to_json(matrix: np.ndarray) -> list[list[float | None]]:

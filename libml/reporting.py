@@ -45,35 +45,58 @@ def write_hparams(writer, config: ml_collections.ConfigDict) -> None:
   writer.write_hparams(flat)
 
 
+def eval_scalars(results: Mapping[int, dict]) -> dict[str, float]:
+  """The original's tags of one evaluation: `accuracy_i` and `avg_acc` as fractions in [0, 1].
+
+  Args:
+    results: eval set -> Evaluator.evaluate output (accuracy in percent).
+
+  Returns:
+    {'accuracy_i', 'eval_loss_i' for each eval set i, 'avg_acc'}.
+  """
+  scalars = {}
+  for i, r in results.items():
+    scalars[f"accuracy_{i}"] = r["accuracy"] / 100.0
+    scalars[f"eval_loss_{i}"] = r["loss"]
+  scalars["avg_acc"] = float(np.mean([r["accuracy"] for r in results.values()])) / 100.0
+  return scalars
+
+
+def write_histograms(writer, step: int, results: Mapping[int, dict]) -> None:
+  """`histogram_i`: the pool ids chosen for eval set i's images (as the original names it)."""
+  hists = {f"histogram_{i}": np.repeat(np.arange(len(r["prompt_counts"])), r["prompt_counts"])
+           for i, r in results.items() if r.get("prompt_counts") is not None}
+  if hists:
+    writer.write_histograms(step, hists)
+
+
 def write_evaluation(writer, step: int, task: int, matrix: np.ndarray, results: Mapping[int, dict],
                      *, histogram: bool) -> dict[str, float]:
-  """Writes `accuracy_i`, `eval_loss_i`, the continual metrics and prompt histograms.
+  """Writes the end-of-task evaluation: `eval_scalars`, the continual metrics, histograms.
+
+  Accuracies and the continual metrics are written as the original wrote them, fractions in
+  [0, 1] (the matrix, `results.json` and the log keep percent).
 
   Args:
     writer: metric writer.
     step: global train step.
     task: task just trained; column of `matrix` filled by `results`.
-    matrix: [E, T] accuracy matrix (already holding this evaluation).
+    matrix: [E, T] accuracy matrix in percent (already holding this evaluation).
     results: eval set -> Evaluator.evaluate output.
     histogram: also write one histogram of chosen prompt ids per eval set.
 
   Returns:
-    The scalars written.
+    The continual metrics in percent.
   """
-  scalars = {}
-  for i, r in results.items():
-    scalars[f"accuracy_{i}"] = r["accuracy"]
-    scalars[f"eval_loss_{i}"] = r["loss"]
-  scalars.update(continual_metrics.summarize(matrix, task))
+  final = dict(continual_metrics.summarize(matrix, task))
+  scalars = eval_scalars(results)
+  scalars.update({k: v / 100.0 for k, v in final.items() if k != "avg_acc"})
   writer.write_scalars(step, scalars)
   if histogram:
-    hists = {f"prompt_idx_{i}": np.repeat(np.arange(len(r["prompt_counts"])), r["prompt_counts"])
-             for i, r in results.items() if r.get("prompt_counts") is not None}
-    if hists:
-      writer.write_histograms(step, hists)
+    write_histograms(writer, step, results)
   writer.write_images(step, {"accuracy_matrix": continual_metrics.matrix_image(matrix)})
   writer.flush()
-  return scalars
+  return final
 
 
 def write_results(workdir: str, matrix: np.ndarray, config: ml_collections.ConfigDict,
@@ -85,6 +108,8 @@ def write_results(workdir: str, matrix: np.ndarray, config: ml_collections.Confi
   doc = {
       "accuracy_matrix": continual_metrics.matrix_to_json(matrix),
       "accuracy_matrix_layout": "rows: eval set (task) evaluated; columns: after training task",
+      # TensorBoard holds the original's fractions; this file, like the log, percent.
+      "accuracy_unit": "percent",
       **{k: float(v) for k, v in final.items()},
       "config": json.loads(config.to_json_best_effort()),
   }

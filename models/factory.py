@@ -33,7 +33,13 @@ def _backbone_kwargs(config, num_classes: int) -> dict[str, Any]:
       mlp_dim=variant.mlp_dim, num_classes=num_classes,
       dtype=DTYPES[dtype_name],
       attention_impl=config.get('attention_impl', 'xla'),
-      dropout_rate=float(config.get('dropout_rate', 0.0)))
+      dropout_rate=_dropout_rate(config, variant))
+
+
+def _dropout_rate(config, variant: vit.ViTVariant) -> float:
+  """`config.dropout_rate`, or the variant's own rate (as the original) when None."""
+  rate = config.get('dropout_rate', None)
+  return variant.dropout_rate if rate is None else float(rate)
 
 
 def _pool_kwargs(config) -> dict[str, Any]:

@@ -32,8 +32,8 @@ class PromptedViT(nn.Module):
     mlp_dim: MLP hidden width.
     num_classes: head outputs C.
     classifier: pre-logits from 'token' (class-token output), 'prompt' (mean
-      of the prompt-token outputs), 'gap' (mean of the image-patch outputs)
-      or 'token+prompt' (mean of the prompt tokens and the class token).
+      of the prompt-token outputs), 'gap' (mean of every output token, class
+      token and prompt tokens included, as the original) or 'token+prompt' (mean of the prompt tokens and the class token).
     use_cls_token: prepend the learned class token.
     norm_pre_logits: L2-normalise pre-logits before the head.
     temperature: logits are divided by it.
@@ -47,7 +47,8 @@ class PromptedViT(nn.Module):
     pool_size: prompts in the pool.
     prompt_length: tokens per pool prompt (per layer).
     top_k: pool prompts chosen per image.
-    prompt_init: prompt initializer name, see `prompt.INITIALIZERS`.
+    prompt_init: E-Prompt initializer name, see `prompt.INITIALIZERS` (the
+      G-Prompt is always 'uniform', as in the original).
     prompt_key: learn keys; False uses each prompt's mean token.
     prompt_key_init: key initializer name.
     embedding_key: query kind, see `prompt.PromptPool`.
@@ -114,7 +115,8 @@ class PromptedViT(nn.Module):
       g = prompt_lib.GPrompt(
           length=self.g_prompt_length, num_layers=len(self.g_prompt_layers),
           hidden_size=self.hidden_size, num_heads=self.num_heads,
-          prefix=self.g_prompt_prefix, initializer=self.prompt_init,
+          # The original draws the G-Prompt uniformly whatever `initializer` says.
+          prefix=self.g_prompt_prefix, initializer='uniform',
           name='g_prompt')()
       target = prefixes if self.g_prompt_prefix else tokens
       for j, layer in enumerate(self.g_prompt_layers):
@@ -138,8 +140,8 @@ class PromptedViT(nn.Module):
       return x[:, :n_prompt].mean(axis=1)
     if self.classifier == 'token+prompt':
       return x[:, :n_prompt + 1].mean(axis=1)
-    start = n_prompt + int(self.use_cls_token)
-    return x[:, start:].mean(axis=1)
+    # 'gap', as the original: every token, class token and prompts included.
+    return x.mean(axis=1)
 
   @nn.compact
   def __call__(self,

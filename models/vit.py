@@ -26,11 +26,14 @@ class ViTVariant:
   num_layers: int
   num_heads: int
   mlp_dim: int
+  # Train-time dropout of the variant's release config (0.1 for ViT-L/16 and ViT-H/14).
+  dropout_rate: float = 0.0
 
 
-def _variant(width: int, patch: int, depth: int, heads: int, mlp: int):
+def _variant(width: int, patch: int, depth: int, heads: int, mlp: int,
+             dropout: float = 0.0):
   return ViTVariant(hidden_size=width, patch_size=patch, num_layers=depth,
-                    num_heads=heads, mlp_dim=mlp)
+                    num_heads=heads, mlp_dim=mlp, dropout_rate=dropout)
 
 
 VARIANTS: dict[str, ViTVariant] = {
@@ -40,9 +43,9 @@ VARIANTS: dict[str, ViTVariant] = {
     'ViT-B_16': _variant(768, 16, 12, 12, 3072),
     'ViT-B_32': _variant(768, 32, 12, 12, 3072),
     'ViT-B_8': _variant(768, 8, 12, 12, 3072),
-    'ViT-L_16': _variant(1024, 16, 24, 16, 4096),
+    'ViT-L_16': _variant(1024, 16, 24, 16, 4096, dropout=0.1),
     'ViT-L_32': _variant(1024, 32, 24, 16, 4096),
-    'ViT-H_14': _variant(1280, 14, 32, 16, 5120),
+    'ViT-H_14': _variant(1280, 14, 32, 16, 5120, dropout=0.1),
     # Tiny model for tests and smoke runs.
     'ViT-test': _variant(32, 8, 6, 2, 64),
 }

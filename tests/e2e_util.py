@@ -34,3 +34,11 @@ def scalar_tags(workdir: str) -> dict[str, list[tuple[int, float]]]:
           number = float(tf.make_ndarray(value.tensor).reshape(-1)[0])
           out.setdefault(value.tag, []).append((event.step, number))
   return out
+
+
+def all_tags(workdir: str) -> set[str]:
+  """Every summary tag in `workdir`'s event files (scalars, histograms, images)."""
+  return {value.tag
+          for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True)
+          for event in tf.compat.v1.train.summary_iterator(path)
+          for value in event.summary.value}

@@ -262,7 +262,8 @@ def test_per_sample_prefixes_match_each_image_alone():
 @pytest.mark.parametrize('classifier,select', [
     ('token', lambda x: x[:, 6]),
     ('token+prompt', lambda x: x[:, :7].mean(axis=1)),
-    ('gap', lambda x: x[:, 7:].mean(axis=1)),
+    # The original's 'gap' averages every token, prompts and class token too.
+    ('gap', lambda x: x.mean(axis=1)),
 ])
 def test_classifier_positions_with_prompt_tuning(classifier, select):
   model = _model(classifier=classifier, use_e_prompt=True,
@@ -275,6 +276,15 @@ def test_gap_without_prompts_or_class_token():
   model = _model(classifier='gap', use_cls_token=False)
   encoded = np.random.default_rng(7).normal(size=(2, 16, D))
   np.testing.assert_allclose(model._pool(encoded), encoded.mean(axis=1))
+
+
+def test_g_prompt_is_uniform_whatever_the_e_prompt_initializer():
+  model = _model(depth=2, use_g_prompt=True, g_prompt_length=4, g_prompt_layers=(0, 1),
+                 g_prompt_prefix=False, prompt_init='normal')
+  params = model.init(jax.random.PRNGKey(0), _inputs(1))['params']
+  g = np.asarray(params['g_prompt']['prompt'])
+  # Flax's default uniform initializer: [0, 0.01); 'normal' has stddev 0.01 and negatives.
+  assert g.min() >= 0.0 and g.max() < 0.01 and g.std() > 0.001
 
 
 # --- Precision, dropout, temperature ----------------------------------------
@@ -364,3 +374,15 @@ def test_only_prompts_keys_and_head_train_under_frozen_mask():
   for name in ('e_prompt/prompt', 'e_prompt/key'):
     touched = np.flatnonzero(np.abs(flat[name]).reshape(4, -1).sum(axis=1))
     np.testing.assert_array_equal(touched, [2])
+
+
+@pytest.mark.parametrize('name,rate', [('ViT-B_16', 0.0), ('ViT-L_16', 0.1), ('ViT-L_32', 0.0),
+                                       ('ViT-H_14', 0.1), ('ViT-S_16', 0.0)])
+def test_dropout_follows_the_variant_unless_the_config_sets_it(name, rate):
+  from configs import common
+  config = common.get_base_config()
+  config.model_name = name
+  # The original's release configs: 0.1 for ViT-L/16 and ViT-H/14 only.
+  assert factory.create_model(config, 10).dropout_rate == rate
+  config.dropout_rate = 0.25
+  assert factory.create_model(config, 10).dropout_rate == 0.25

@@ -24,12 +24,22 @@ def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path):
     doc = json.load(f)
   assert np.array(doc["accuracy_matrix"], dtype=float).shape == (2, 2)
   assert doc["avg_acc"] == pytest.approx(np.mean(matrix[:, 1]))
-  assert doc["forgetting"] == pytest.approx(matrix[0, 0] - matrix[0, 1])
+  assert doc["forgetting"] == pytest.approx(max(matrix[0, 0], matrix[0, 1]) - matrix[0, 1])
   assert doc["config"]["dataset"] == "digits"
+  assert doc["accuracy_unit"] == "percent"
   tags = e2e_util.scalar_tags(workdir)
-  for tag in ("accuracy_0", "accuracy_1", "avg_acc", "forgetting", "loss", "train_accuracy",
-              "learning_rate", "l2_grads", "eval_loss_0", "backward", "learning_acc"):
+  for tag in ("accuracy_0", "accuracy_1", "avg_acc", "forgetting", "loss", "loss_std", "task_id",
+              "train_accuracy", "learning_rate", "l2_grads", "eval_loss_0", "backward", "learning_acc"):
     assert tag in tags, tag
+  # TensorBoard holds the original's fractions in [0, 1]; results.json percent.
+  last = lambda tag: tags[tag][-1][1]
+  assert last("accuracy_0") == pytest.approx(matrix[0, 1] / 100, abs=1e-6)
+  assert last("accuracy_1") == pytest.approx(matrix[1, 1] / 100, abs=1e-6)
+  assert last("avg_acc") == pytest.approx(doc["avg_acc"] / 100, abs=1e-6)
+  assert last("forgetting") == pytest.approx(doc["forgetting"] / 100, abs=1e-6)
+  assert last("learning_acc") == pytest.approx(np.mean(np.diag(matrix)) / 100, abs=1e-6)
+  assert {v for _, v in tags["task_id"]} == {0.0, 1.0}
+  assert {"histogram_0", "histogram_1"} <= e2e_util.all_tags(workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints"))
 
 
