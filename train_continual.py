@@ -51,8 +51,8 @@ def _task_arrays(config, benchmark, task: int, options: steps.StepOptions) -> di
   return {
       "class_mask": class_mask,
       "prompt_ids": np.arange(task * top_k, (task + 1) * top_k, dtype=np.int32),
-      "total_steps": np.int32(benchmark.num_train_steps(task)),
-      "warmup_steps": np.int32(config.warmup_epochs * benchmark.steps_per_epoch(task)),
+      "steps_per_epoch": np.float32(benchmark.steps_per_epoch(task)),
+      "num_epochs": np.float32(benchmark.num_train_steps(task) / benchmark.steps_per_epoch(task)),
   }
 
 
@@ -159,6 +159,14 @@ class _Runner:
                  benchmark.class_masks[task].tolist())
     per_epoch = benchmark.steps_per_epoch(task)
     mask_steps = per_epoch if config.prompt_pool_param.mask_first_epoch else total
+    top_k = config.prompt_pool_param.top_k
+    if self.options.use_prompt_mask and (task + 1) * top_k > self.options.pool_size:
+      # As the original: a task whose prompt ids [t * top_k, (t + 1) * top_k) leave the pool
+      # selects its prompts by key matching instead.
+      logging.warning("Task %d: prompt ids %d..%d are outside pool_size=%d; this task selects its "
+                      "prompts by key matching (no prompt mask).", task, task * top_k,
+                      (task + 1) * top_k - 1, self.options.pool_size)
+      mask_steps = 0
     task_arrays = steps.replicate(_task_arrays(config, benchmark, task, self.options))
     dropout_rng = steps.replicate(self.dropout_rng)
     rstate = steps.replicate(self.state)

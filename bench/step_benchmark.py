@@ -181,7 +181,7 @@ class Bench:
     self.task = steps.replicate({
         "class_mask": np.arange(num_classes) < task_classes,
         "prompt_ids": np.arange(top_k, dtype=np.int32) % pool,
-        "total_steps": np.int32(warmup + num_steps), "warmup_steps": np.int32(0)})
+        "steps_per_epoch": np.float32(warmup + num_steps), "num_epochs": np.float32(1)})
 
   def options(self, clip_mode: str) -> steps.StepOptions:
     return steps.StepOptions.from_config(self.config, self.global_batch, clip_mode)

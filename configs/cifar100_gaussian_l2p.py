@@ -18,5 +18,6 @@ def get_config():
   config.continual.num_tasks = 200
   config.continual.num_classes_per_task = 100
   config.reinit_optimizer = False
-  config.pull_constraint_coeff = 0.1
+  config.eval_per_epochs = 100
+  config.prompt_histogram = False
   return config

@@ -25,7 +25,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.norm_pre_logits = False
   # Logits are divided by this.
   config.temperature = 1.0
-  config.dropout_rate = 0.0
+  # Train-time dropout; None: the variant's own rate, as the original (0.1 for ViT-L_16 and
+  # ViT-H_14, 0 for the others).
+  config.dropout_rate = config_dict.placeholder(float)
   # Compute dtype of activations and matmuls ("float32" or "bfloat16"); parameters,
   # optimizer state and loss stay float32.
   config.dtype = "float32"
@@ -46,9 +48,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.use_prefix_tune_for_e_prompt = False
   config.prompt_pool = True
   config.prompt_pool_param = ml_collections.ConfigDict()
+  # The original's cifar100_l2p.py values; the L2P paper's text gives length 5, top_k 5
+  # (README, "Differences from the original configs").
   config.prompt_pool_param.pool_size = 10
-  config.prompt_pool_param.length = 5
-  config.prompt_pool_param.top_k = 5
+  config.prompt_pool_param.length = 10
+  config.prompt_pool_param.top_k = 4
   # Prompt and key initialisers: "uniform" ([0, 0.01)) or "normal".
   config.prompt_pool_param.initializer = "uniform"
   config.prompt_pool_param.prompt_key_init = "uniform"
@@ -94,6 +98,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # steps resize, crop and flip it. Same pixels as on the host up to float rounding. Applies when
   # every image of the benchmark has one stored shape (all but imagenet_r); else the host does it.
   config.preprocess_on_device = True
+  # Test images through the training augmentation (random resized crop and flip, fixed per
+  # seed and image, so every evaluation sees the same ones) instead of the central crop.
+  # None: the original's choice per benchmark, True for core50 only; True / False force it.
+  config.eval_with_train_augment = config_dict.placeholder(bool)
   # Host memory (MiB) for decoded eval images kept from one evaluation to the next.
   config.decoded_cache_mb = 1024
   # Host memory (MiB) for a task's decoded training images; a larger task keeps its images
@@ -120,13 +128,18 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Optimisation ----------------------------------------------------------------
   config.per_device_batch_size = 16
-  config.optim = "adam"  # or "sgd" (Nesterov momentum)
+  config.optim = "adam"  # "adamw" or "sgd" (Nesterov momentum)
   config.sgd_momentum = 0.9
   # Scaled by global_batch / 256.
   config.learning_rate = 0.03
-  # "constant", "cosine" or "warmup_cosine" / "warmup_constant".
+  # "constant", "cosine" or "linear" (decay over the task's epochs after the warm-up).
   config.learning_rate_schedule = "constant"
+  # Linear warm-up over this many epochs of each task (must be < num_epochs).
   config.warmup_epochs = 0
+  # Floor of the learning rate after the warm-up, scaled like learning_rate.
+  config.min_learning_rate = 0.0
+  # "adam" and "sgd": 0.5 x weight_decay x (squared weights of rank >= 2, frozen ones too)
+  # is added to the loss; "adam" and "adamw" also decay the trained weights in the update.
   config.weight_decay = 0.0
   config.grad_clip_max_norm = 1.0
   # "full": clip by the norm of every gradient, frozen backbone included (the original);

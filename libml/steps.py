@@ -32,7 +32,10 @@ class StepOptions:
     clip_mode: one of GRAD_CLIP_MODES: 'full' (gradients of every parameter) or 'trainable'.
     freeze_part: substrings naming frozen parameters.
     base_lr: peak learning rate.
+    min_lr: learning-rate floor after the warm-up.
     schedule: learning-rate schedule name.
+    warmup_epochs: warm-up length in epochs.
+    l2_coeff: weight of the loss term sum of squared weights (rank >= 2), see optim.l2_loss_coeff.
     pool_size: E-Prompt pool size (0 without a pool).
     use_prompt_mask: force the task's prompt ids during training.
   """
@@ -42,7 +45,10 @@ class StepOptions:
   clip_mode: str
   freeze_part: tuple[str, ...]
   base_lr: float
+  min_lr: float
   schedule: str
+  warmup_epochs: float
+  l2_coeff: float
   pool_size: int
   use_prompt_mask: bool
 
@@ -57,7 +63,10 @@ class StepOptions:
         clip_mode=clip_mode or config.grad_clip_mode,
         freeze_part=tuple(config.freeze_part),
         base_lr=optim.base_learning_rate(config, global_batch),
+        min_lr=float(config.min_learning_rate) * global_batch / 256,
         schedule=config.learning_rate_schedule,
+        warmup_epochs=float(config.warmup_epochs),
+        l2_coeff=optim.l2_loss_coeff(config),
         pool_size=int(config.prompt_pool_param.pool_size) if pool else 0,
         use_prompt_mask=bool(pool and config.prompt_pool_param.use_prompt_mask))
 
@@ -109,7 +118,7 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
       stored images and crops that `DevicePreprocess.train_images` takes.
     query_params: parameters of the frozen query ViT (unused without a query).
     task: {'class_mask': [num_classes] bool, 'prompt_ids': [top_k] int32,
-      'total_steps': int32, 'warmup_steps': int32} for the current task.
+      'steps_per_epoch': float32, 'num_epochs': float32} for the current task.
     rng: PRNG key shared by all devices; folded with the step and device index.
 
   Returns:
@@ -138,6 +147,8 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
       logits = jnp.where(task["class_mask"], logits, -jnp.inf)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     reduce_sim = aux.get("reduce_sim", jnp.zeros(()))
+    if options.l2_coeff:
+      loss = loss + options.l2_coeff * optim.l2_loss(to_params(wrt))
     if options.pull_coeff:
       loss = loss - options.pull_coeff * reduce_sim
     return loss, (logits, reduce_sim)
@@ -148,8 +159,9 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
   grads = jax.lax.pmean(grads, AXIS)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  lr = optim.learning_rate_at(state.task_step, base_lr=options.base_lr, schedule=options.schedule,
-                              warmup_steps=task["warmup_steps"], total_steps=task["total_steps"])
+  lr = optim.learning_rate_at(state.task_step, base_lr=options.base_lr, min_lr=options.min_lr,
+                              schedule=options.schedule, warmup_epochs=options.warmup_epochs,
+                              steps_per_epoch=task["steps_per_epoch"], num_epochs=task["num_epochs"])
   params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
   new_state = state.replace(step=state.step + 1, task_step=state.task_step + 1,
                             params=params, opt_state=opt_state)

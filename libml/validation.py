@@ -15,6 +15,7 @@ verdict, so that all of them stop, or none does.
 """
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Callable
@@ -57,25 +58,12 @@ def _check_vote_groups(config) -> None:
                     "choose a divisor, or -1 for one group per device.")
 
 
-def _check_prompt_mask(config, num_tasks: int) -> None:
-  """Task t trains on prompt ids [t * top_k, (t + 1) * top_k): all tasks must fit in the pool."""
-  pool = config.get("prompt_pool_param")
-  if not (config.get("use_e_prompt", False) and config.get("prompt_pool", True) and pool
-          and pool.get("use_prompt_mask", False)):
-    return
-  top_k, pool_size = pool.top_k, pool.pool_size
-  if num_tasks * top_k > pool_size:
-    raise UserError(f"use_prompt_mask gives every task its own top_k={top_k} prompts, so {num_tasks} tasks "
-                    f"need pool_size >= {num_tasks * top_k}, not {pool_size}; enlarge "
-                    "prompt_pool_param.pool_size or lower top_k.")
-
-
 def check_config(config) -> None:
   """Raises UserError for a config that cannot run; reads no data and writes nothing.
 
   Covers the batch and cadence settings, the optimizer and schedule names, the benchmark
   and task count, the model (model_name, top_k <= pool_size, prompt layers within the
-  depth, ...) and the prompt mask's need for num_tasks * top_k prompts.
+  depth, ...) and the warm-up length.
   """
   for key in ("per_device_batch_size", "log_loss_every_steps", "checkpoint_every_steps"):
     _positive_int(config, key)
@@ -87,12 +75,16 @@ def check_config(config) -> None:
   if config.learning_rate_schedule not in optim.SCHEDULES:
     raise UserError(f"Unknown learning_rate_schedule {config.learning_rate_schedule!r}; valid: "
                     f"{', '.join(optim.SCHEDULES)}.")
+  if not (isinstance(config.learning_rate, (int, float)) and math.isfinite(config.learning_rate)
+          and config.learning_rate > 0):
+    raise UserError(f"learning_rate={config.learning_rate} must be a positive, finite number.")
+  if not 0 <= config.warmup_epochs < config.num_epochs:
+    raise UserError(f"warmup_epochs={config.warmup_epochs} must be in [0, num_epochs={config.num_epochs}).")
   _check_vote_groups(config)
   layout = benchmarks.layout(config, global_batch=config.per_device_batch_size * jax.device_count())
   # Building the models runs their own checks (model_name, top_k, layer indices, ...).
   factory.create_model(config, layout.num_classes)
   factory.create_query_model(config, layout.num_classes)
-  _check_prompt_mask(config, len(layout.train))
 
 
 # --- The workdir. ---------------------------------------------------------------------------

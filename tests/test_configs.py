@@ -16,6 +16,89 @@ ORIGINAL_CONFIGS = ("cifar100_l2p", "five_datasets_l2p", "core50_l2p", "cifar100
                     "imr_dualprompt", "cifar100_dualprompt")
 
 
+# The original's six config files, evaluated: every field that changes a result, per config in
+# ORIGINAL_CONFIGS order. None: the original leaves the field unset (its G-Prompt fields
+# when there is no G-Prompt).
+ORIGINAL_VALUES = {
+    "model_name": ("ViT-B_16",) * 6,
+    "dataset": ("cifar100", "5datasets", "core50", "cifar100", "imagenet_r", "cifar100"),
+    "gaussian_schedule": (False, False, False, True, False, False),
+    "per_device_batch_size": (16, 16, 16, 16, 24, 24),
+    "optim": ("adam", "adam", "sgd", "adam", "adam", "adam"),
+    "sgd_momentum": (0.9,) * 6,
+    "learning_rate": (0.03, 0.03, 0.03, 0.03, 0.005, 0.03),
+    "learning_rate_schedule": ("constant",) * 6,
+    "warmup_epochs": (0,) * 6,
+    "weight_decay": (0,) * 6,
+    "grad_clip_max_norm": (1.0,) * 6,
+    "reinit_optimizer": (True, True, True, False, True, True),
+    "num_epochs": (5, 5, 5, 5, 50, 5),
+    "shuffle_buffer_size": (10000,) * 6,
+    "seed": (42,) * 6,
+    "trial": (0,) * 6,
+    "input_size": (224,) * 6,
+    "resize_size": (256,) * 6,
+    "norm_01": (True,) * 6,
+    "reverse_task": (False,) * 6,
+    "subsample_rate": (-1,) * 6,
+    "continual.num_tasks": (10, 5, 8, 200, 10, 10),
+    "continual.num_classes_per_task": (10, 10, 50, 100, 20, 10),
+    "continual.rand_seed": (-1,) * 6,
+    "continual.num_train_steps_per_task": (-1,) * 6,
+    "continual.train_mask": (True, True, False, True, True, True),
+    "continual.eval_task_inc": (False,) * 6,
+    "vit_classifier": ("prompt", "prompt", "prompt", "prompt", "token", "token"),
+    "use_cls_token": (True,) * 6,
+    "norm_pre_logits": (False,) * 6,
+    "temperature": (1,) * 6,
+    "freeze_part": (("encoder", "embedding", "cls"),) * 2 + ((),) + (("encoder", "embedding", "cls"),) * 3,
+    "use_g_prompt": (False, False, False, False, True, True),
+    "g_prompt_length": (None,) * 4 + (5, 5),
+    "g_prompt_layer_idx": (None,) * 4 + ((0, 1), (0, 1)),
+    "use_prefix_tune_for_g_prompt": (None,) * 4 + (True, True),
+    "use_e_prompt": (True,) * 6,
+    "e_prompt_layer_idx": ((0,),) * 4 + ((2, 3, 4),) * 2,
+    "use_prefix_tune_for_e_prompt": (False,) * 4 + (True, True),
+    "prompt_pool": (True,) * 6,
+    "prompt_pool_param.pool_size": (10, 20, 10, 10, 10, 10),
+    "prompt_pool_param.length": (10, 10, 5, 10, 20, 5),
+    "prompt_pool_param.top_k": (4, 4, 4, 4, 1, 1),
+    "prompt_pool_param.initializer": ("uniform",) * 6,
+    "prompt_pool_param.prompt_key": (True,) * 6,
+    "prompt_pool_param.prompt_key_init": ("uniform",) * 6,
+    "prompt_pool_param.embedding_key": ("cls",) * 6,
+    "prompt_pool_param.use_prompt_mask": (False, True, False, False, True, True),
+    "prompt_pool_param.mask_first_epoch": (False,) * 6,
+    "prompt_pool_param.shared_prompt_pool": (False, True, False, False, True, True),
+    "prompt_pool_param.shared_prompt_key": (False,) * 6,
+    "prompt_pool_param.batchwise_prompt": (True, True, True, True, False, True),
+    "pull_constraint": (True,) * 6,
+    "pull_constraint_coeff": (1.0, 0.5, 1.0, 1.0, 1.0, 1.0),
+    "eval_last_only": (False,) * 6,
+    "num_eval_steps": (-1,) * 6,
+    "eval_every_steps": (-1,) * 6,
+    "prompt_histogram": (True, True, False, False, True, True),
+}
+# Defaults of fields the original configs do not set, as the original's code reads them.
+ORIGINAL_DEFAULTS = {"dropout_rate": None, "min_learning_rate": 0.0, "grad_clip_mode": "full",
+                     "prompt_pool_param.vote_group_size": -1,
+                     "prompt_pool_param.batchwise_prompt_at_test": True}
+
+
+def _field(config, dotted: str):
+  for key in dotted.split("."):
+    config = config[key]
+  return tuple(config) if isinstance(config, (list, tuple)) else config
+
+
+@pytest.mark.parametrize("index,name", enumerate(ORIGINAL_CONFIGS))
+def test_configs_hold_the_original_values(index, name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  for field, values in {**ORIGINAL_VALUES, **{k: (v,) * 6 for k, v in ORIGINAL_DEFAULTS.items()}}.items():
+    if values[index] is not None or field in ORIGINAL_DEFAULTS:
+      assert _field(config, field) == values[index], (name, field)
+
+
 def _tiny(name: str):
   config = importlib.import_module(f"configs.{name}").get_config()
   config.model_name = "ViT-test"
