@@ -11,6 +11,7 @@ in one line `error: ...` and exit status 2 before anything is written.
 All logic lives in importable, tested modules (`train_continual`, `libml`, `models`).
 """
 
+import os
 import sys
 import traceback
 
@@ -18,6 +19,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from libml import interrupts
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("my_config", None, "Config file (configs/*.py); override fields with "
@@ -37,17 +40,47 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _config_path(argv) -> str | None:
+  """The value of --my_config in `argv`, if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--my_config="):
+      return arg.split("=", 1)[1]
+    if arg == "--my_config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _config_file_error(e: BaseException, path: str | None) -> str | None:
+  """One line naming the config file, the line and the error, if `e` came from running it."""
+  if path is None:
+    return None
+  real = os.path.realpath(path)
+  if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == real:
+    return f"Config file {path}, line {e.lineno}: SyntaxError: {e.msg}."
+  line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
+               if os.path.realpath(frame.filename) == real), None)
+  if line is not None:
+    return f"Config file {path}, line {line}: {type(e).__name__}: {' '.join(str(e).split())}."
+  if isinstance(e, AttributeError) and "get_config" in str(e):
+    return f"Config file {path} defines no get_config(); a config file returns its ConfigDict from get_config()."
+  return None
+
+
 def _parse_flags(argv):
-  """absl's parser, but a bad flag or config override ends in one line, not a usage dump."""
+  """absl's parser, but a bad config file, flag or override ends in one line, not a trace."""
   try:
     return FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    override = next((a for a in argv if a.startswith("--my_config.")), "--my_config.<field>")
-    hint = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("\"'").split())
-    _fail(f"Unknown config field in {override.split('=')[0]} ({hint}): check the spelling against the "
-          "config file.")
-  except (flags.Error, ValueError, TypeError, OSError) as e:
-    _fail(" ".join(str(e).split()))
+  except Exception as e:  # pylint: disable=broad-except
+    message = _config_file_error(e, _config_path(argv))
+    if message is None and isinstance(e, (AttributeError, KeyError)):
+      override = next((a for a in argv if a.startswith("--my_config.")), "--my_config.<field>")
+      hint = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("\"'").split())
+      message = (f"Unknown config field in {override.split('=')[0]} ({hint}): check the spelling "
+                 "against the config file.")
+    elif message is None:
+      known = isinstance(e, (flags.Error, ValueError, TypeError, OSError))
+      message = " ".join(str(e).split()) if known else f"{type(e).__name__}: {' '.join(str(e).split())}"
+    _fail(message)
 
 
 def _initialize_distributed(jax) -> None:
@@ -81,6 +114,8 @@ def _quiet_library_logs() -> None:
 
 
 def main(argv):
+  # From here on Ctrl-C and SIGTERM stop the run at the next step, checkpointed.
+  stop = interrupts.StopRequest().install()
   _quiet_library_logs()
   if len(argv) > 1:
     _fail(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
@@ -99,11 +134,14 @@ def main(argv):
                jax.process_count(), jax.local_devices(), jax.device_count())
   import train_continual  # pylint: disable=g-import-not-at-top
   try:
-    results = train_continual.train_and_evaluate(config, FLAGS.workdir, restart=FLAGS.restart)
+    results = train_continual.train_and_evaluate(config, FLAGS.workdir, restart=FLAGS.restart, stop=stop)
   except UserError as e:
     if FLAGS.traceback:
       traceback.print_exc()
     _fail(str(e))
+  except interrupts.Stopped as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   if jax.process_index() == 0:
     _print_summary(results, FLAGS.workdir)
 

@@ -21,6 +21,7 @@ from libml import checkpointing
 from libml import continual_metrics
 from libml import evaluation
 from libml import input_pipeline
+from libml import interrupts
 from libml import optim
 from libml import pretrained
 from libml import reporting
@@ -78,8 +79,8 @@ class _Runner:
   Construction reads data and weights but writes nothing; `open` starts writing.
   """
 
-  def __init__(self, config, benchmark):
-    self.config, self.benchmark = config, benchmark
+  def __init__(self, config, benchmark, stop: interrupts.StopRequest | None = None):
+    self.config, self.benchmark, self.stop = config, benchmark, stop
     global_batch = config.per_device_batch_size * jax.device_count()
     model = factory.create_model(config, benchmark.num_classes)
     query_model = factory.create_query_model(config, benchmark.num_classes)
@@ -112,6 +113,12 @@ class _Runner:
     if restored is None:
       return None
     self.state, progress = restored
+    task, step = progress["task"], progress["task_step"]
+    if task < self.benchmark.num_tasks and step > self.benchmark.num_train_steps(task):
+      # A run from before run.json, resumed with another global batch (see validation.record_run).
+      raise UserError(f"The latest checkpoint in {workdir!r} is at step {step} of task {task}, past its "
+                      f"{self.benchmark.num_train_steps(task)} steps with this global batch: it was made on "
+                      "other devices or batch; resume on those, or pass --restart to start over.")
     self.last_saved = self._task_and_step(progress)
     return progress
 
@@ -193,10 +200,20 @@ class _Runner:
         self.writer.write_scalars(global_step, reporting.eval_scalars(results))
         if config.prompt_histogram and self.options.pool_size > 0:
           reporting.write_histograms(self.writer, global_step, results)
-      if checkpoint:
+      stopping = self.stop_signal() is not None
+      if stopping and not checkpoint and pending:
+        self._log_train(global_step, task, done, pending)
+        pending = []
+      if checkpoint or stopping:
         self.save(rstate, {**progress, "task_step": done})
+      if stopping:
+        raise interrupts.Stopped(self.stop_signal(), task, done)
     progress["task_step"] = total
     self.state = flax.jax_utils.unreplicate(rstate)
+
+  def stop_signal(self) -> int | None:
+    """The signal that asked the run to stop, or None."""
+    return None if self.stop is None else self.stop.signum
 
   def _log_train(self, global_step, task, done, pending) -> None:
     """Writes the means of `pending` (the steps up to `done`); raises on a non-finite loss."""
@@ -230,43 +247,54 @@ def _train_tasks(config, benchmark, runner: _Runner, progress: dict) -> np.ndarr
                    {k: round(v, 2) for k, v in final.items()})
     progress = {**progress, "task": task + 1, "task_step": 0,
                 "accuracy_matrix": continual_metrics.matrix_to_json(matrix)}
-    if eval_sets or task == benchmark.num_tasks - 1:
+    stopping = runner.stop_signal() is not None and task < benchmark.num_tasks - 1
+    if eval_sets or task == benchmark.num_tasks - 1 or stopping:
       runner.save(steps.replicate(runner.state), progress)
+    if stopping:
+      raise interrupts.Stopped(runner.stop_signal(), task + 1, 0)
   return matrix
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False,
+                       stop: interrupts.StopRequest | None = None) -> dict:
   """Trains the tasks of `config.dataset` in order, evaluating after each; resumes from `workdir`.
 
   Args:
     config: the run's config.
-    workdir: where checkpoints, summaries, config.json and results.json go. A run of the
-      same config found there is resumed; one of another config is refused.
+    workdir: where checkpoints, summaries, config.json, run.json and results.json go. A run
+      of the same config on the same devices found there is resumed; one of another config
+      or made on other devices is refused, and so is a workdir another run is using.
     restart: move an earlier run in `workdir` aside (to `<workdir>.old`) and start over.
+    stop: set by a signal handler to stop at the next step, checkpointed (see interrupts).
 
   Returns:
     The final continual metrics ({'avg_acc', 'forgetting', ...}) and 'accuracy_matrix'.
 
   Raises:
     UserError: bad input (found before anything is written) or a diverged run.
+    interrupts.Stopped: `stop` was set; the state is checkpointed.
   """
   validation.check_config(config)
   validation.check_workdir(workdir, config, restart=restart)
   benchmark = input_pipeline.create_benchmark(config)
-  runner = _Runner(config, benchmark)
-  validation.claim_workdir(workdir, config, restart=restart)
-  progress = runner.open(workdir)
-  try:
-    if progress is None:
-      progress = {"task": 0, "task_step": 0,
-                  "accuracy_matrix": continual_metrics.matrix_to_json(
-                      np.full([benchmark.num_eval_sets, benchmark.num_tasks], np.nan))}
-      reporting.write_hparams(runner.writer, config)
-    matrix = _train_tasks(config, benchmark, runner, progress)
+  runner = _Runner(config, benchmark, stop)
+  lock = validation.claim_workdir(workdir, config, restart=restart)
+  try:  # Whatever happens, the lock goes when the run ends.
+    progress = runner.open(workdir)
+    try:
+      run = validation.record_run(workdir, config)  # After `open` has checked the checkpoint.
+      if progress is None:
+        progress = {"task": 0, "task_step": 0,
+                    "accuracy_matrix": continual_metrics.matrix_to_json(
+                        np.full([benchmark.num_eval_sets, benchmark.num_tasks], np.nan))}
+        reporting.write_hparams(runner.writer, config)
+      matrix = _train_tasks(config, benchmark, runner, progress)
+    finally:
+      runner.close()
+    last = max((t for t in range(benchmark.num_tasks) if not np.all(np.isnan(matrix[:, t]))), default=None)
+    summary = dict(continual_metrics.summarize(matrix, last)) if last is not None else {}
+    path = reporting.write_results(workdir, matrix, config, summary, run=run)
   finally:
-    runner.close()
-  last = max((t for t in range(benchmark.num_tasks) if not np.all(np.isnan(matrix[:, t]))), default=None)
-  summary = dict(continual_metrics.summarize(matrix, last)) if last is not None else {}
-  path = reporting.write_results(workdir, matrix, config, summary)
+    lock.release()
   logging.info("Final accuracy matrix:\n%s\nResults: %s", reporting.format_matrix(matrix), path)
   return {**summary, "accuracy_matrix": matrix}

@@ -177,6 +177,8 @@ class Bench:
                                           resize_size, task_classes)
     else:
       self.batch = generated_batch(data_rng, per_device, config.input_size, task_classes)
+    # Test batches carry no crop window or flip: the central crop, as the configs evaluate.
+    self.eval_batch = {k: v for k, v in self.batch.items() if k not in ("crop", "flip")}
     top_k, pool = config.prompt_pool_param.top_k, config.prompt_pool_param.pool_size
     self.task = steps.replicate({
         "class_mask": np.arange(num_classes) < task_classes,
@@ -201,9 +203,10 @@ class Bench:
   def time_preprocess(self):
     """{'train': [seconds], 'eval': [seconds]} of building the network inputs alone on the devices."""
     out = {}
-    for name, fn in (("train", self.preprocess.train_images), ("eval", self.preprocess.eval_images)):
+    for name, fn, batch in (("train", self.preprocess.train_images, self.batch),
+                            ("eval", self.preprocess.eval_images, self.eval_batch)):
       build = jax.pmap(fn, axis_name=steps.AXIS)
-      out[name], _ = time_steps(lambda _, f=build: f(self.batch), None, self.warmup, self.num_steps)
+      out[name], _ = time_steps(lambda _, f=build, b=batch: f(b), None, self.warmup, self.num_steps)
     return out
 
   def time_eval(self, params):
@@ -218,9 +221,9 @@ class Bench:
     query = jax.pmap(functools.partial(steps.query_step, query_model=self.query_model, preprocess=self.preprocess),
                      axis_name=steps.AXIS)
     class_mask = steps.replicate(np.ones([self.model.num_classes], bool))
-    cached = {**self.batch, "cls_features": query(self.query_params, self.batch)}
+    cached = {**self.eval_batch, "cls_features": query(self.query_params, self.eval_batch)}
     out = {}
-    for name, batch in (("cached_query", cached), ("with_query", self.batch)):
+    for name, batch in (("cached_query", cached), ("with_query", self.eval_batch)):
       step = lambda _, b=batch: evaluate(params, self.query_params, b, class_mask)
       out[name], _ = time_steps(step, None, self.warmup, self.num_steps)
     return out

@@ -3,10 +3,12 @@
   python main.py --my_config configs/cifar100_gaussian_l2p.py --workdir=./l2p \
       --my_config.init_checkpoint=<path>/ViT-B_16.npz
 
-Each class's sampling probability rises and falls along a Gaussian over the stream; there
-are no task boundaries for the learner (the optimizer is never reset) and the full test set
-is evaluated every 10 episodes. `continual.num_train_steps_per_task` is the number of
-batches per episode; -1 means the schedule's default of 5.
+Each class owns a Gaussian bump over the stream; every episode's label set holds each class
+with the bump's value at the episode, and the episode trains on all training images of its
+set for `num_epochs` epochs. There are no task boundaries for the learner (the optimizer is
+never reset); the full test set is evaluated every 10 episodes. As in the original, the
+shipped `continual.num_train_steps_per_task = -1` gives label sets of about 50 classes; a
+positive value s gives epochs of s steps and narrower sets (s = 5: about 12 classes).
 """
 
 from configs import common

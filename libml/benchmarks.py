@@ -1,6 +1,6 @@
 """The benchmarks: which records each task trains on and each eval set tests.
 
-`TABLE` maps every `config.dataset` name to a spec; `layout(config, ...)`
+`TABLE` maps every `config.dataset` name to a spec; `layout(config)`
 resolves a spec against the config (task count, class order, task order,
 Gaussian schedule) into a `Layout`, plain data the input pipeline reads.
 Head class ids are global: one shared head covers every task.
@@ -49,8 +49,13 @@ class Layout:
     eval_classes: per eval set, sorted int32 head ids it covers.
     eval_after: per task, the eval sets to evaluate after training it.
     augment: random resized crop and flip in training (else resize only).
-    schedule: Gaussian schedule only: [tasks, batches, global_batch] int32
-      head ids of every example of the stream; None for split benchmarks.
+    eval_augment: the test images get the training augmentation instead of
+      the central crop, as the original evaluates CORe50 (the config's
+      `eval_with_train_augment` overrides it).
+    episodes: the tasks are episodes of the Gaussian schedule: their train
+      Parts are one Part restricted to overlapping label sets (the input
+      pipeline loads the records of all of them once), and each trains whole
+      epochs (num_train_steps_per_task > 0: epochs of that many steps).
   """
   name: str
   num_classes: int
@@ -60,7 +65,8 @@ class Layout:
   eval_classes: list[np.ndarray]
   eval_after: list[list[int]]
   augment: bool = True
-  schedule: np.ndarray | None = None
+  eval_augment: bool = False
+  episodes: bool = False
 
 
 def _ids(classes) -> np.ndarray:
@@ -157,10 +163,12 @@ class DomainSequence:
     train: per task, the records it trains on.
     test: the one test set, evaluated after every task.
     num_classes: classes shared by every task.
+    eval_augment: see `Layout.eval_augment`.
   """
   train: tuple[Part, ...]
   test: Part
   num_classes: int
+  eval_augment: bool = False
 
   def layout(self, name: str, config) -> Layout:
     num_tasks = _num_tasks(config, len(self.train), name)
@@ -169,7 +177,7 @@ class DomainSequence:
         name=name, num_classes=self.num_classes,
         train=list(self.train[:num_tasks]), class_masks=[every] * num_tasks,
         eval_sets=[self.test], eval_classes=[every],
-        eval_after=[[0]] * num_tasks)
+        eval_after=[[0]] * num_tasks, eval_augment=self.eval_augment)
 
 
 _CORE50_TRAIN_SESSIONS = (1, 2, 4, 5, 6, 8, 9, 11)
@@ -189,9 +197,11 @@ TABLE = {
             (Part('fashion_mnist', 'train'), Part('fashion_mnist', 'test')),
         ),
         classes_per_task=10),
+    # The original reads the test sessions through its training pipeline:
+    # random resized crop and flip (its 78.33 comes from that).
     'core50': DomainSequence(
         train=tuple(Part('core50', f's{s}') for s in _CORE50_TRAIN_SESSIONS),
-        test=Part('core50', 's3+s7+s10'), num_classes=50),
+        test=Part('core50', 's3+s7+s10'), num_classes=50, eval_augment=True),
     # ImageNet-R ships one split 'test'; 80/20 in record order, as the original.
     'imagenet_r': ClassSplit(
         train=Part('imagenet_r', 'test', (0, 80), rank_labels=True),
@@ -214,41 +224,33 @@ def _reverse(layout: Layout) -> Layout:
                     else layout.eval_classes))
 
 
-def _gaussian(name: str, spec: ClassSplit, config,
-              global_batch: int) -> Layout:
-  """Task-free stream over the whole train split; full test set every 10."""
-  steps = _continual(config, 'num_train_steps_per_task', -1)
-  # The shipped config leaves steps at -1, which would make empty episodes.
-  batches = (steps if steps > 0
-             else gaussian_schedule.DEFAULT_BATCHES_PER_EPISODE)
+def _gaussian(name: str, spec: ClassSplit, config) -> Layout:
+  """Episodes of the Gaussian schedule, each a class split of the train split.
+
+  Episode e trains on every train record of its label set (see
+  `gaussian_schedule`); the whole test set is evaluated after every 10th
+  episode and after the last.
+  """
   num_episodes = _continual(config, 'num_tasks', 200)
-  if num_episodes <= 0:
-    raise UserError(f'continual.num_tasks={num_episodes} must be positive for '
-                    'the Gaussian schedule')
   order = class_order(spec.num_classes, _continual(config, 'rand_seed', -1))
-  schedule = gaussian_schedule.episode_labels(
-      num_classes=spec.num_classes, num_episodes=num_episodes,
-      batches_per_episode=batches, batch_size=global_batch,
+  sets = gaussian_schedule.label_sets(
+      num_classes=spec.num_classes, num_tasks=num_episodes,
+      steps_per_task=_continual(config, 'num_train_steps_per_task', -1),
       seed=config.get('seed', 0), class_order=order)
+  keep = lambda s: dataclasses.replace(spec.train, classes=tuple(s.tolist()))
   every = np.arange(spec.num_classes, dtype=np.int32)
   last = num_episodes - 1
   return Layout(
       name=name, num_classes=spec.num_classes,
-      train=[spec.train] * num_episodes,
-      class_masks=[_ids(np.unique(s)) for s in schedule],
+      train=[keep(s) for s in sets], class_masks=sets,
       eval_sets=[spec.test], eval_classes=[every],
       eval_after=[[0] if (e + 1) % 10 == 0 or e == last else []
                   for e in range(num_episodes)],
-      augment=spec.augment, schedule=schedule)
+      augment=spec.augment, episodes=True)
 
 
-def layout(config, *, global_batch: int) -> Layout:
-  """Resolves `config.dataset` (and the continual settings) into a Layout.
-
-  Args:
-    config: the run's ConfigDict.
-    global_batch: examples per step over all hosts (Gaussian schedule only).
-  """
+def layout(config) -> Layout:
+  """Resolves `config.dataset` (and the continual settings) into a Layout."""
   name = config.get('dataset')
   if name not in TABLE:
     raise UserError(f'unknown dataset {name!r}: choose one of '
@@ -258,7 +260,7 @@ def layout(config, *, global_batch: int) -> Layout:
     if not isinstance(spec, ClassSplit):
       raise UserError(f'gaussian_schedule needs a class-split dataset, not '
                       f'{name!r}: use cifar100')
-    result = _gaussian(name, spec, config, global_batch)
+    result = _gaussian(name, spec, config)
   else:
     result = spec.layout(name, config)
     if config.get('reverse_task', False):

@@ -5,7 +5,8 @@ function of `config.seed` and (task, epoch, record), so `train_dataset(task,
 start_step)` yields exactly the batches an uninterrupted run yields from
 `start_step` on: a resumed run sees the same data. A task's training records
 are read once into host memory and replayed in seeded orders; skipping steps
-costs nothing. They are kept decoded where every image has one stored shape
+costs nothing (the Gaussian schedule's episodes, overlapping class subsets of
+one split, share a single read of all their records). They are kept decoded where every image has one stored shape
 and they fit in `decoded_train_mb`, else encoded and decoded at every use.
 Eval sets are read in record order, every example once, padded to whole
 batches with `mask` False; decoded test images are kept between evaluations
@@ -17,6 +18,7 @@ of `num_local_devices * per_device_batch_size` examples of global batch i, so
 a run's batches do not depend on how its devices are spread over hosts.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -34,7 +36,8 @@ from libml.errors import UserError
 _no_autograph = tf.autograph.experimental.do_not_convert
 
 # Seeds of the different random choices, so that they never coincide.
-_SHUFFLE, _SUBSAMPLE, _AUGMENT, _GAUSSIAN = range(4)
+_SHUFFLE, _SUBSAMPLE, _AUGMENT = range(3)
+_EVAL_AUGMENT = 100  # Test images' augmentation; apart from those above.
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -61,16 +64,6 @@ def _shuffle_order(n: int, buffer_size: int,
       buffer[j] = buffer[-1]
       buffer.pop()
   return order
-
-
-def _occurrence_rank(labels: np.ndarray) -> np.ndarray:
-  """k[i] = how many earlier entries of `labels` equal labels[i]."""
-  order = np.argsort(labels, kind='stable')
-  sorted_labels = labels[order]
-  starts = np.searchsorted(sorted_labels, sorted_labels, side='left')
-  ranks = np.empty(len(labels), np.int64)
-  ranks[order] = np.arange(len(labels)) - starts
-  return ranks
 
 
 class Benchmark:
@@ -112,6 +105,11 @@ class Benchmark:
     self._input_size = config.input_size
     self._resize_size = config.get('resize_size', config.input_size)
     self._norm_01 = config.get('norm_01', True)
+    # Test images through the training augmentation: None takes the
+    # benchmark's choice (the original's: CORe50 only).
+    eval_augment = config.get('eval_with_train_augment', None)
+    self._eval_augment = (layout.eval_augment if eval_augment is None
+                          else bool(eval_augment))
     self._cache = None
     self._eval_cache, self._eval_cache_bytes = {}, 0
     self._eval_cache_budget = config.get('decoded_cache_mb', 1024) * 2**20
@@ -131,14 +129,12 @@ class Benchmark:
           augment=layout.augment, max_value=max_values.pop(),
           norm_01=self._norm_01)
     # Every host keeps the record ids of all hosts: it plans the global batches.
-    if layout.schedule is None:
-      self._train_ids = [self._task_train_ids(t) for t in range(self.num_tasks)]
-      self.num_train_examples = [len(ids) // self._hosts
-                                 for ids in self._train_ids]
-    else:
-      self._train_ids = [source.select(layout.train[0])]
-      self.num_train_examples = [layout.schedule.shape[1] * self._local_batch
-                                 ] * self.num_tasks
+    self._train_ids = [self._task_train_ids(t) for t in range(self.num_tasks)]
+    self.num_train_examples = [len(ids) // self._hosts
+                               for ids in self._train_ids]
+    # Gaussian episodes share their records: loaded once for all of them.
+    self._shared_ids = (np.unique(np.concatenate(self._train_ids))
+                        if layout.episodes else None)
     for task, count in enumerate(self.num_train_examples):
       if count == 0:
         raise UserError(f'task {task} of {self.name} has no training examples '
@@ -160,13 +156,19 @@ class Benchmark:
   # --- Steps. ---------------------------------------------------------------
 
   def steps_per_epoch(self, task: int) -> int:
-    if self._layout.schedule is not None:
-      return self._layout.schedule.shape[1]
+    """Global batches of the task's examples (all hosts'), at least 1.
+
+    Gaussian schedule with num_train_steps_per_task > 0: that many, as the
+    original, which then counts an episode as steps * global batch examples.
+    """
+    if self._layout.episodes and self._steps_per_task > 0:
+      return self._steps_per_task
     return max(1, len(self._train_ids[task]) // self._global_batch)
 
   def num_train_steps(self, task: int) -> int:
-    if self._layout.schedule is not None:
-      return self._layout.schedule.shape[1]
+    """num_epochs epochs; split benchmarks: num_train_steps_per_task if > 0."""
+    if self._layout.episodes:  # Gaussian: always whole epochs.
+      return self.steps_per_epoch(task) * self._num_epochs
     if self._steps_per_task > 0:
       return self._steps_per_task
     return self.steps_per_epoch(task) * self._num_epochs
@@ -175,9 +177,17 @@ class Benchmark:
 
   def _train_part(self, task: int) -> tuple[benchmarks.Part, np.ndarray]:
     """The task's Part and its record ids (all hosts')."""
-    if self._layout.schedule is not None:  # Every episode draws from one set.
-      return self._layout.train[0], self._train_ids[0]
     return self._layout.train[task], self._train_ids[task]
+
+  def _loaded_part(self, task: int) -> tuple[benchmarks.Part, np.ndarray]:
+    """The Part and record ids `_train_records` loads for the task.
+
+    The task's own, or for Gaussian episodes the records of every episode.
+    """
+    part, ids = self._train_part(task)
+    if self._shared_ids is None:
+      return part, ids
+    return dataclasses.replace(part, classes=None), self._shared_ids
 
   def _train_decoded(self, task: int) -> bool:
     """Whether the task's training images are kept decoded.
@@ -185,13 +195,17 @@ class Benchmark:
     They are when they all have one stored shape and their pixels fit in
     `decoded_train_mb`; otherwise they stay encoded and are decoded at every use.
     """
-    part, ids = self._train_part(task)
+    part = self._train_part(task)[0]
+    loaded = len(self._loaded_part(task)[1])
     return (self._one_shape[part] and
-            len(ids) * self._source.pixel_bytes(part) <= self._train_budget)
+            loaded * self._source.pixel_bytes(part) <= self._train_budget)
 
   def _train_records(self, task: int) -> dict:
-    """The task's records, decoded where they can be (the last task's are kept)."""
-    part, ids = self._train_part(task)
+    """The records `_loaded_part` names, decoded where they can be.
+
+    They are kept until a task needs other records.
+    """
+    part, ids = self._loaded_part(task)
     key = (part, ids.tobytes())
     if self._cache is None or self._cache[0] != key:
       self._cache = None  # Frees the previous task's records first.
@@ -229,34 +243,6 @@ class Benchmark:
     return (self._own_slices(np.concatenate(rows)[skip:end]),
             self._own_slices(np.concatenate(keys)[skip:end]))
 
-  def _gaussian_plan(self, episode: int, first_step: int):
-    """Rows and augmentation keys of an episode of the Gaussian schedule.
-
-    Every slot takes the label the schedule gives it. The records of a class
-    are replayed in seeded permutations, each episode going on where the
-    earlier ones stopped, so an episode is a pure function of the seed.
-    """
-    schedule = self._layout.schedule  # [episodes, steps, global batch]
-    flat = schedule[:episode + 1].reshape(-1)
-    start = (episode * schedule.shape[1] + first_step) * self._global_batch
-    ranks = _occurrence_rank(flat)[start:]
-    wanted = flat[start:]
-    records = self._train_records(episode)
-    rows = np.empty(len(wanted), np.int64)
-    for c in np.unique(wanted):
-      members = np.flatnonzero(records['label'] == c)
-      if not len(members):
-        raise UserError(f'class {c} of {self.name} has no training examples; '
-                        'the Gaussian schedule needs every class')
-      here = wanted == c
-      rounds = int(ranks[here].max()) // len(members) + 1
-      cycle = np.concatenate([_rng(self._seed, _GAUSSIAN, int(c), r)
-                              .permutation(members) for r in range(rounds)])
-      rows[here] = cycle[ranks[here]]
-    # Key = position in the global stream: unique across hosts and episodes.
-    keys = np.arange(len(wanted)) + start
-    return self._own_slices(rows), self._own_slices(keys)
-
   def train_dataset(self, task: int, start_step: int = 0) -> tf.data.Dataset:
     """Batches of `task` from `start_step` on, identical to an unbroken run.
 
@@ -270,33 +256,20 @@ class Benchmark:
     num_steps = self.num_train_steps(task)
     if not 0 <= start_step <= num_steps:
       raise ValueError(f'start_step {start_step} outside [0, {num_steps}]')
-    if self._layout.schedule is None:
-      rows, keys = self._epoch_plan(task, start_step, num_steps)
-    else:
-      rows, keys = self._gaussian_plan(task, start_step)
+    rows, keys = self._epoch_plan(task, start_step, num_steps)
+    if self._shared_ids is not None:  # Rows of the task's ids -> loaded rows.
+      rows = np.searchsorted(self._shared_ids, self._train_ids[task][rows])
     records = self._train_records(task)
     task_seed = int(_rng(self._seed, _AUGMENT, task).integers(2**62))
     part = self._train_part(task)[0]
     decoded = self._train_decoded(task)
-    decode = self._source.decoder(part, decoded=decoded)
     to_pixels = self._pixels(part, decoded)
-    resize_only = not self._layout.augment
-    on_device = self.device_preprocess is not None
+    augment = self._augment_fn(part)
 
     @_no_autograph
     def prepare(image, label, key):
       seed = tf.stack([tf.constant(task_seed, tf.int64), key])
-      if on_device:  # The steps resize, crop and flip.
-        image = to_pixels(image)
-        if resize_only:
-          return {'image': image, 'label': label}
-        window, flip = preprocess.random_window(seed, self._resize_size)
-        return {'image': image, 'label': label, 'crop': window, 'flip': flip}
-      image = preprocess.train_image(
-          decode(image), seed, resize_size=self._resize_size,
-          input_size=self._input_size, resize_only=resize_only)
-      return {'image': preprocess.normalize(image, self._norm_01),
-              'label': label}
+      return {**augment(to_pixels(image), seed), 'label': label}
 
     ds = record_sources.replay(records, rows, keys)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
@@ -314,6 +287,10 @@ class Benchmark:
       `device_preprocess`, 'image' holds the stored pixels.
     All hosts yield the same number of batches: this host's blocks of the
     global batches of the eval set in record order, padded at the end.
+    Test images get the central crop, or with `eval_with_train_augment` the
+    training augmentation (then 'crop' and 'flip' too, as `train_dataset`),
+    keyed by (seed, record): the same augmented images at every evaluation,
+    on every run and host layout.
     """
     part = self._layout.eval_sets[eval_set]
     ids = self._source.select(part)
@@ -326,36 +303,31 @@ class Benchmark:
     owner = np.arange(len(ids)) // self._local_batch % self._hosts
     local_ids = ids[owner == self._host]
     records = self._eval_records(eval_set, local_ids)
-    decode = self._source.decoder(part, decoded=records is not None)
     to_pixels = self._pixels(part, records is not None)
-    resize_only = not self._layout.augment
-    on_device = self.device_preprocess is not None
+    if self._eval_augment:
+      transform = self._augment_fn(part)
+    else:
+      transform = self._central_fn(part)
+    eval_seed = int(_rng(self._seed, _EVAL_AUGMENT).integers(2**62))
 
     @_no_autograph
-    def prepare(example):
-      if on_device:  # The steps resize and crop.
-        image = to_pixels(example['image'])
-      else:
-        image = preprocess.normalize(preprocess.eval_image(
-            decode(example['image']), resize_size=self._resize_size,
-            input_size=self._input_size, resize_only=resize_only),
-                                     self._norm_01)
-      return {'image': image, 'label': example['label'],
-              'mask': tf.constant(True)}
+    def prepare(example, key):
+      seed = tf.stack([tf.constant(eval_seed, tf.int64), key])
+      return {**transform(to_pixels(example['image']), seed),
+              'label': example['label'], 'mask': tf.constant(True)}
 
     if records is None:
       ds = self._source.stream(part, local_ids)
     else:
       ds = tf.data.Dataset.from_tensor_slices(
           {'image': records['image'], 'label': records['label']})
+    ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(local_ids))
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    if on_device:
-      shape = self._source.image_shape(part)
-      dtype = ds.element_spec['image'].dtype
-    else:
-      shape, dtype = [self._input_size, self._input_size, 3], tf.float32
-    padding = {'image': tf.zeros(shape, dtype),
-               'label': tf.constant(0, tf.int32), 'mask': tf.constant(False)}
+    padding = {k: tf.zeros(v.shape, v.dtype)
+               for k, v in ds.element_spec.items()}
+    if 'crop' in padding:  # The whole image: a valid window.
+      padding['crop'] = tf.constant([0, 0, self._resize_size,
+                                     self._resize_size], tf.int32)
     ds = ds.concatenate(
         tf.data.Dataset.from_tensors(padding).repeat(total - len(local_ids)))
     return self._batched(ds)
@@ -366,7 +338,54 @@ class Benchmark:
       return tf.identity
     pixels, shape = (self._source.pixel_decoder(part),
                      self._source.image_shape(part))
+    if shape is None:  # Sizes vary (ImageNet-R).
+      return pixels
     return lambda image: tf.ensure_shape(pixels(image), shape)
+
+  def _augment_fn(self, part: benchmarks.Part):
+    """Function: (stored pixels, seed) -> batch entries of the training input.
+
+    On the host, {'image': the network input}: resize, truncate, random
+    resized crop, flip (`preprocess.train_image`). With `device_preprocess`,
+    {'image': the stored pixels, 'crop': window, 'flip': flip} for the steps to
+    finish ('image' only where the benchmark does not augment).
+    """
+    max_value = self._source.max_value(part)
+    resize_only = not self._layout.augment
+
+    def augment(pixels, seed):
+      if self.device_preprocess is not None:
+        if resize_only:
+          return {'image': pixels}
+        window, flip = preprocess.random_window(seed, self._resize_size)
+        return {'image': pixels, 'crop': window, 'flip': flip}
+      image = preprocess.train_image(
+          pixels, seed, resize_size=self._resize_size,
+          input_size=self._input_size, max_value=max_value,
+          resize_only=resize_only)
+      return {'image': preprocess.normalize(image, self._norm_01)}
+
+    return augment
+
+  def _central_fn(self, part: benchmarks.Part):
+    """Function: (stored pixels, seed) -> batch entries of the eval input.
+
+    Resize, truncate, central crop (`preprocess.eval_image`), on the host or,
+    with `device_preprocess`, in the steps; the seed is unused.
+    """
+    max_value = self._source.max_value(part)
+    resize_only = not self._layout.augment
+
+    def central(pixels, seed):
+      del seed
+      if self.device_preprocess is not None:
+        return {'image': pixels}
+      image = preprocess.eval_image(
+          pixels, resize_size=self._resize_size, input_size=self._input_size,
+          max_value=max_value, resize_only=resize_only)
+      return {'image': preprocess.normalize(image, self._norm_01)}
+
+    return central
 
   def _eval_records(self, eval_set: int, ids: np.ndarray) -> dict | None:
     """Decoded records `ids` of an eval set, kept for later evaluations.
@@ -442,8 +461,7 @@ def create_benchmark(config, *, num_local_devices: int | None = None,
   process_index = (jax.process_index() if process_index is None
                    else process_index)
   process_count = process_count or jax.process_count()
-  local_batch = num_local_devices * config.per_device_batch_size
-  layout = benchmarks.layout(config, global_batch=local_batch * process_count)
+  layout = benchmarks.layout(config)
   resize_size = config.get('resize_size', config.input_size)
   if layout.augment and resize_size < config.input_size:
     raise UserError(f'resize_size={resize_size} is smaller than '

@@ -100,8 +100,12 @@ def write_evaluation(writer, step: int, task: int, matrix: np.ndarray, results: 
 
 
 def write_results(workdir: str, matrix: np.ndarray, config: ml_collections.ConfigDict,
-                  final: Mapping[str, Any]) -> str:
-  """Writes `workdir/results.json` atomically (process 0 only); returns its path."""
+                  final: Mapping[str, Any], run: Mapping[str, Any] | None = None) -> str:
+  """Writes `workdir/results.json` atomically (process 0 only); returns its path.
+
+  `run` (from `validation.record_run`: topology, versions, git_commit, starts) is written
+  before the config, so that two runs' files tell their devices and libraries apart.
+  """
   path = os.path.join(workdir, "results.json")
   if jax.process_index() != 0:
     return path
@@ -111,6 +115,7 @@ def write_results(workdir: str, matrix: np.ndarray, config: ml_collections.Confi
       # TensorBoard holds the original's fractions; this file, like the log, percent.
       "accuracy_unit": "percent",
       **{k: float(v) for k, v in final.items()},
+      **(run or {}),
       "config": json.loads(config.to_json_best_effort()),
   }
   tmp = path + ".tmp"

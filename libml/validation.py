@@ -2,8 +2,15 @@
 
 `check_config` and `check_workdir` only read: a mistake on the command line ends the run
 in seconds, with one line, and leaves the workdir as it was. `claim_workdir` is the run's
-first write: it records the config in `<workdir>/config.json` (or, with `restart`, first
-moves an earlier run aside), so that a later start can tell a resume from a different run.
+first write: it takes the workdir's lock (`<workdir>/run.lock`, see `run_lock`: one run at
+a time) and records the config in `<workdir>/config.json` (or, with `restart`, first moves
+an earlier run aside), so that a later start can tell a resume from a different run.
+`record_run` then records the devices, library versions and commit in `<workdir>/run.json`.
+
+A run resumes only on the topology it began with (`run_record.STRICT_KEYS`: process and
+device counts, devices per process, images per device, global batch), since the batches and
+the per-device prompt-vote groups depend on it; another kind of device with the same counts
+continues, with a warning (same batches and votes; the arithmetic may round differently).
 
 A stored config differs from the current one when any key differs except those in
 `HARMLESS_KEYS` (where the data lives and how often the run logs and checkpoints; none of
@@ -26,15 +33,19 @@ import numpy as np
 
 from libml import benchmarks
 from libml import optim
+from libml import run_lock
+from libml import run_record
 from libml import steps
 from libml.errors import UserError
 from models import factory
 
 CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
 HARMLESS_KEYS = ("data_dir", "log_loss_every_steps", "checkpoint_every_steps", "save_last_ckpt_only",
                  "prompt_histogram")
 # Anything of these in a workdir means a run was started there.
-_RUN_ENTRIES = (CONFIG_FILE, "checkpoints", "results.json")
+_RUN_ENTRIES = (CONFIG_FILE, RUN_FILE, "checkpoints", "results.json")
+_FIX = "pass --restart to move that run aside and start over, or choose another --workdir"
 _MESSAGE_BYTES = 2048
 
 
@@ -81,7 +92,7 @@ def check_config(config) -> None:
   if not 0 <= config.warmup_epochs < config.num_epochs:
     raise UserError(f"warmup_epochs={config.warmup_epochs} must be in [0, num_epochs={config.num_epochs}).")
   _check_vote_groups(config)
-  layout = benchmarks.layout(config, global_batch=config.per_device_batch_size * jax.device_count())
+  layout = benchmarks.layout(config)
   # Building the models runs their own checks (model_name, top_k, layer indices, ...).
   factory.create_model(config, layout.num_classes)
   factory.create_query_model(config, layout.num_classes)
@@ -142,13 +153,38 @@ def _holds_run(workdir: str) -> bool:
   return os.path.isdir(workdir) and any(os.path.exists(os.path.join(workdir, e)) for e in _RUN_ENTRIES)
 
 
-def _verdict(workdir: str, config, restart: bool) -> None:
-  """Raises UserError unless the run may start or resume in `workdir`."""
+def _check_topology(workdir: str, config) -> None:
+  """Raises UserError if the run in `workdir` began on another topology (see the module docstring)."""
+  path = os.path.join(workdir, RUN_FILE)
+  try:
+    with open(path) as f:
+      stored = json.load(f)["topology"]
+    stored_keys = {k: stored[k] for k in run_record.STRICT_KEYS}
+    old = run_record.describe(stored)
+  except FileNotFoundError:
+    return  # A run from before run.json: `record_run` warns.
+  except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    raise UserError(f"{path} is unreadable ({type(e).__name__}); {_FIX}.") from e
+  current = run_record.topology(config)
+  if any(stored_keys[k] != current[k] for k in run_record.STRICT_KEYS):
+    raise UserError(f"workdir {workdir!r} holds a run made on {old}; this start has "
+                    f"{run_record.describe(current)}: resuming would change its batches and prompt-vote "
+                    f"groups, so its results; resume on the devices it began with, or {_FIX}.")
+
+
+def _verdict(workdir: str, config, restart: bool, own: run_lock.RunLock | None = None) -> None:
+  """Raises UserError unless the run may start or resume in `workdir` (locked by `own`, if given)."""
   _probe_writable(workdir)
-  if restart or not _holds_run(workdir):
-    return
+  if not restart and _holds_run(workdir):
+    _check_run(workdir, config)
+  if os.path.isdir(workdir):
+    run_lock.check_free(workdir, own=own)
+
+
+def _check_run(workdir: str, config) -> None:
+  """Raises UserError unless the run in `workdir` is this config's, on these devices."""
   path = os.path.join(workdir, CONFIG_FILE)
-  fix = "pass --restart to move that run aside and start over, or choose another --workdir"
+  fix = _FIX
   try:
     with open(path) as f:
       stored = json.load(f)
@@ -162,14 +198,18 @@ def _verdict(workdir: str, config, restart: bool) -> None:
     more = f"; {len(diff) - 3} more" if len(diff) > 3 else ""
     raise UserError(f"workdir {workdir!r} holds a run of a different config ({'; '.join(diff[:3])}{more}); "
                     f"{fix}.")
+  _check_topology(workdir, config)
 
 
-def _agreed(decide: Callable[[], None]) -> None:
-  """Runs `decide` on process 0; every process raises the UserError it raised, if any."""
-  message = ""
+def _agreed(decide: Callable[[], Any]) -> Any:
+  """Runs `decide` on process 0; every process raises the UserError it raised, if any.
+
+  Returns what `decide` returned on process 0, None on the other processes.
+  """
+  message, result = "", None
   if jax.process_index() == 0:
     try:
-      decide()
+      result = decide()
     except UserError as e:
       message = str(e)
   if jax.process_count() > 1:
@@ -181,10 +221,12 @@ def _agreed(decide: Callable[[], None]) -> None:
     message = bytes(buffer[buffer > 0]).decode(errors="replace")
   if message:
     raise UserError(message)
+  return result
 
 
 def check_workdir(workdir: str, config, *, restart: bool) -> None:
-  """Raises UserError if `workdir` is not writable or holds a run of another config.
+  """Raises UserError if `workdir` is not writable, holds a run of another config or made on
+  other devices, or is in use by a live run on this host (`run_lock.check_free`).
 
   Reads only. With `restart` an earlier run is no obstacle (`claim_workdir` moves it).
   """
@@ -200,33 +242,111 @@ def _aside_name(workdir: str) -> str:
   return candidate
 
 
-def _claim(workdir: str, config, restart: bool) -> None:
-  _verdict(workdir, config, restart)
-  if restart and _holds_run(workdir):
-    aside = _aside_name(workdir)
-    here, there = os.path.realpath(os.getcwd()), os.path.realpath(workdir)
-    if os.path.commonpath([here, there]) == there:  # Renaming would move the process along.
-      raise UserError(f"--restart cannot move {workdir!r} aside while it holds the current directory; "
-                      "run from another directory.")
-    try:
-      os.rename(workdir, aside)
-    except OSError as e:
-      raise UserError(f"--restart cannot move the earlier run in {workdir!r} to {aside!r} "
-                      f"({e.strerror}); move or delete it yourself and start again.") from e
-    logging.warning("--restart: moved the earlier run in %s to %s.", workdir, aside)
+def _move_aside(workdir: str, lock: run_lock.RunLock) -> run_lock.RunLock:
+  """--restart: renames the run in `workdir` (locked by `lock`) aside; returns the new workdir's lock."""
+  aside = _aside_name(workdir)
+  here, there = os.path.realpath(os.getcwd()), os.path.realpath(workdir)
+  if os.path.commonpath([here, there]) == there:  # Renaming would move the process along.
+    raise UserError(f"--restart cannot move {workdir!r} aside while it holds the current directory; "
+                    "run from another directory.")
+  lock.pause()
+  try:
+    os.rename(workdir, aside)
+  except OSError as e:
+    raise UserError(f"--restart cannot move the earlier run in {workdir!r} to {aside!r} "
+                    f"({e.strerror}); move or delete it yourself and start again.") from e
+  lock.release(moved_to=os.path.join(aside, run_lock.LOCK_FILE))  # The earlier run moves aside as it was.
+  logging.warning("--restart: moved the earlier run in %s to %s.", workdir, aside)
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(config_json(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  return run_lock.acquire(workdir)
 
 
-def claim_workdir(workdir: str, config, *, restart: bool) -> None:
-  """Makes `workdir` this run's: checks it again, moves an earlier run aside if `restart`
-  (to `<workdir>.old`, `.old-2`, ...), and stores the config in `<workdir>/config.json`.
+def _claim(workdir: str, config, restart: bool) -> run_lock.RunLock:
+  _verdict(workdir, config, restart)
+  os.makedirs(workdir, exist_ok=True)
+  lock = run_lock.acquire(workdir)
+  try:
+    _verdict(workdir, config, restart, lock)  # Again, under the lock: another start may have ended meanwhile.
+    if restart and _holds_run(workdir):
+      lock = _move_aside(workdir, lock)
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(config_json(config), f, indent=2, sort_keys=True)
+      os.replace(tmp, path)
+  except BaseException:
+    lock.release()
+    raise
+  return lock
 
-  Process 0 does the work; all processes return once it is done.
+
+def claim_workdir(workdir: str, config, *, restart: bool) -> run_lock.RunLock | run_lock.NotHeld:
+  """Makes `workdir` this run's: takes its lock, checks it again, moves an earlier run aside
+  if `restart` (to `<workdir>.old`, `.old-2`, ...), and stores the config in
+  `<workdir>/config.json`.
+
+  Process 0 does the work and holds the lock; all processes return once it is done.
+
+  Returns:
+    The lock: `release()` it when the run ends, also after an error (a lock that is garbage
+    collected is released too). A no-op on processes other than 0.
+
+  Raises:
+    UserError: as `check_workdir`, or another run took the workdir meanwhile.
   """
-  _agreed(lambda: _claim(workdir, config, restart))
+  return _agreed(lambda: _claim(workdir, config, restart)) or run_lock.NotHeld()
+
+
+def _record(workdir: str, start: dict) -> int:
+  """Adds `start` to `<workdir>/run.json` (process 0); returns the number of starts so far."""
+  path = os.path.join(workdir, RUN_FILE)
+  try:
+    with open(path) as f:
+      doc = json.load(f)
+  except FileNotFoundError:
+    doc = None
+  current = start["topology"]
+  if doc is None:
+    if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+      logging.warning("workdir %s holds a run from before %s was recorded: the devices it began on cannot be "
+                      "checked; recording this start's (%s).", workdir, RUN_FILE, run_record.describe(current))
+    doc = {"topology": current, "starts": []}
+  else:
+    began = doc["topology"]
+    if (began.get("platform"), began.get("device_kind")) != (current["platform"], current["device_kind"]):
+      logging.warning("workdir %s began on %s devices and continues on %s devices (same counts and batches): "
+                      "the same batches and prompt votes, but the arithmetic may round differently, so the "
+                      "results may differ slightly from an uninterrupted run.", workdir,
+                      began.get("device_kind"), current["device_kind"])
+    last = doc["starts"][-1] if doc.get("starts") else {}
+    changed = sorted(k for k in set(last.get("versions", {})) | set(start["versions"])
+                     if last.get("versions", {}).get(k) != start["versions"].get(k))
+    if last and last.get("git_commit") != start.get("git_commit"):
+      changed.append("git_commit")
+    if last and changed:
+      logging.warning("workdir %s: this start differs from the previous one in %s (see %s); the results may "
+                      "differ slightly from an uninterrupted run.", workdir, ", ".join(changed), path)
+  doc.setdefault("starts", []).append(start)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(doc, f, indent=2)
+  os.replace(tmp, path)
+  return len(doc["starts"])
+
+
+def record_run(workdir: str, config) -> dict:
+  """Records this start in `<workdir>/run.json` (process 0): on the first start the topology
+  later starts must match, and for every start its time, host, pid, command line, topology,
+  library versions and git commit. Warns when a resume runs on another kind of device or
+  other library versions or commit.
+
+  Returns:
+    What `results.json` repeats: {'topology', 'versions', 'git_commit' (when known), 'starts'}
+    ('starts': how many times the run was started, on process 0 only).
+  """
+  start = run_record.start_record(config)
+  out = {k: start[k] for k in ("topology", "versions", "git_commit") if k in start}
+  if jax.process_index() == 0:
+    out["starts"] = _record(workdir, start)
+  return out

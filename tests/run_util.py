@@ -8,7 +8,9 @@ it there. Moments:
   eval:   in the n-th evaluation of an eval set, after its first batch;
   commit: in the n-th checkpoint write, when all its files are in the temporary directory
           but it is not yet renamed into place.
-The hook patches the libraries from outside; the production code has no test switches.
+`L2P_TEST_SIGNAL=<NAME>[,<NAME>...]:<n>` makes the process send itself those signals (e.g.
+INT, TERM) right after global train step n, as Ctrl-C or a preemption would.
+The hooks patch the libraries from outside; the production code has no test switches.
 """
 
 import json
@@ -28,6 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSE_ENV = "L2P_TEST_PAUSE"
 MARKER_ENV = "L2P_TEST_MARKER"
+SIGNAL_ENV = "L2P_TEST_SIGNAL"
 
 
 
@@ -177,8 +180,24 @@ def _install_pause(spec: str, marker: str) -> None:
     raise ValueError(f"unknown moment {moment!r}")
 
 
+def _install_signals(spec: str) -> None:
+  """Patches the progress report of step n ('<NAME>[,<NAME>...]:<n>') to signal this process."""
+  names, n = spec.split(":")
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  original_call = periodic_actions.ReportProgress.__call__
+
+  def call(self, step, *args, **kwargs):
+    if step == int(n):
+      for name in names.split(","):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+    return original_call(self, step, *args, **kwargs)
+  periodic_actions.ReportProgress.__call__ = call
+
+
 if __name__ == "__main__":
   if os.environ.get(PAUSE_ENV):
     _install_pause(os.environ[PAUSE_ENV], os.environ[MARKER_ENV])
+  if os.environ.get(SIGNAL_ENV):
+    _install_signals(os.environ[SIGNAL_ENV])
   import main  # pylint: disable=g-import-not-at-top
   app.run(main.main, flags_parser=main._parse_flags)  # pylint: disable=protected-access

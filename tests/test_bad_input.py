@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -264,3 +265,26 @@ def test_incomplete_multihost_flags_are_one_line(tmp_path, capsys):
                                  process_id=2, coordinator_address="localhost:1234")
   assert status == 2 and err.strip() == "error: --process_id=2 must be in [0, --num_processes=2)."
   assert not os.path.exists(workdir)
+
+
+_BROKEN_CONFIG_FILES = {
+    "syntax_error": ("def get_config(:\n  pass\n", r"line 1: SyntaxError: invalid syntax\.$"),
+    "name_error": ("import ml_collections\n\n\ndef get_config():\n  config = ml_collections.ConfigDict()\n"
+                   "  config.model_name = undefined_name\n  return config\n",
+                   r"line 6: NameError: name 'undefined_name' is not defined\.$"),
+    "no_get_config": ("MODEL = 'ViT-B_16'\n", r" defines no get_config\(\); "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BROKEN_CONFIG_FILES))
+def test_config_file_that_does_not_load_is_one_line_naming_file_and_line(tmp_path, case):
+  text, match = _BROKEN_CONFIG_FILES[case]
+  path = tmp_path / f"{case}.py"
+  path.write_text(text)
+  done = run_util.run(run_util.command(str(tmp_path / "run"), {}, config=str(path)), run_util.env(1),
+                      timeout=120)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+  assert done.stderr.startswith(f"error: Config file {path}")
+  assert re.search(match, done.stderr.strip()), done.stderr
+  assert not os.path.exists(tmp_path / "run")

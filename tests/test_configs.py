@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import train_continual
+from libml import input_pipeline
 from tests import e2e_util
 from tests.test_input_pipeline import _fake_imagenet_r
 
@@ -110,6 +111,10 @@ def _tiny(name: str):
   config.num_eval_steps = 3
   config.shuffle_buffer_size = 16
   config.log_loss_every_steps = 1
+  if name == "cifar100_gaussian_l2p":
+    # Two episodes of a stream long enough for 100 peaks (-1000 "batches" each), of 2 epochs.
+    config.continual.num_train_steps_per_task = -1000
+    config.num_epochs = 2
   return config
 
 
@@ -128,13 +133,15 @@ def test_original_config_trains_and_evaluates(name, tmp_path):
   workdir = str(tmp_path / name)
   with _mock(name):
     out = train_continual.train_and_evaluate(_tiny(name), workdir)
+    benchmark = input_pipeline.create_benchmark(_tiny(name))
+  total_steps = sum(benchmark.num_train_steps(t) for t in range(benchmark.num_tasks))
   matrix = np.asarray(out["accuracy_matrix"])
   with open(os.path.join(workdir, "results.json")) as f:
     doc = json.load(f)
   assert doc["config"]["model_name"] == "ViT-test"
   assert np.isfinite(doc["avg_acc"])
   tags = e2e_util.scalar_tags(workdir)
-  assert len(tags["loss"]) == 4 and all(np.isfinite(v) for _, v in tags["loss"])
+  assert len(tags["loss"]) == total_steps and all(np.isfinite(v) for _, v in tags["loss"])
   if name == "cifar100_gaussian_l2p":
     assert matrix.shape[0] == 1 and not np.isnan(matrix[0, -1])  # full test set, last episode
   elif name == "core50_l2p":
@@ -143,3 +150,33 @@ def test_original_config_trains_and_evaluates(name, tmp_path):
     assert matrix[:, :2].shape == (2, 2) and not np.isnan(matrix[:, 1]).any()
     for tag in ("accuracy_0", "accuracy_1", "avg_acc", "forgetting"):
       assert tag in tags, tag
+
+
+def test_digits_dualprompt_config_trains_and_evaluates(tmp_path):
+  """The DualPrompt demo as shipped passes the config checks; 2 tasks x 2 steps of it run."""
+  from libml import validation  # pylint: disable=g-import-not-at-top
+  from tests import run_util  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.digits_dualprompt").get_config()
+  validation.check_config(config)  # all 5 tasks, as `python main.py` would run it
+  assert config.dataset == "digits" and config.use_g_prompt and config.prompt_pool_param.shared_prompt_pool
+  config.continual.num_tasks = 2
+  config.continual.num_train_steps_per_task = 2
+  config.per_device_batch_size = 4
+  config.log_loss_every_steps = 1
+  config.shuffle_buffer_size = 16
+  workdir = str(tmp_path / "digits_dualprompt")
+  out = train_continual.train_and_evaluate(config, workdir)
+  matrix = np.asarray(out["accuracy_matrix"])
+  assert matrix.shape == (2, 2) and np.isnan(matrix[1, 0]) and not np.isnan(matrix[:, 1]).any()
+  with open(os.path.join(workdir, "results.json")) as f:
+    doc = json.load(f)
+  assert doc["config"]["dataset"] == "digits" and np.isfinite(doc["avg_acc"])
+  tags = e2e_util.scalar_tags(workdir)
+  assert len(tags["loss"]) == 4 and all(np.isfinite(v) for _, v in tags["loss"])
+  for tag in ("accuracy_0", "accuracy_1", "avg_acc", "forgetting"):
+    assert tag in tags, tag
+  # The checkpointed model is DualPrompt's: a G-Prompt and a pool of E-Prompts with keys.
+  checkpoints = run_util.read_checkpoints(workdir)
+  params = checkpoints[max(checkpoints)][1]["params"]
+  assert "g_prompt" in params and params["e_prompt"]["prompt"].shape[0] == config.prompt_pool_param.pool_size
+  assert params["e_prompt"]["key"].shape[0] == config.prompt_pool_param.pool_size

@@ -1,8 +1,9 @@
-"""On-device preprocessing equals the host pipeline's; decoded images are cached.
+"""On-device preprocessing equals the host pipeline's and the original's; decoded images
+are cached; CORe50's test images get the training augmentation.
 
 TFDS is mocked (random records). Expectations come from TensorFlow's own resize and
-from the host pipeline, which the input pipeline tests check against resize, crop,
-resize and flip done by hand.
+uint8 cast, from the original's steps written out in TensorFlow (`_original_train`,
+`_original_eval`), and from the host pipeline.
 """
 
 import jax
@@ -13,8 +14,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from libml import device_preprocess
+from libml import evaluation
 from libml import input_pipeline
 from libml import preprocess
+from libml import steps
+from models import factory
+from tests import e2e_util
 from tests.data_fixtures import batches
 from tests.data_fixtures import pipeline_config
 
@@ -55,29 +60,85 @@ def test_resize_weights_of_a_traced_window_resize_that_window():
     np.testing.assert_allclose(got, want, atol=_ATOL)
 
 
+def _stored_images(side: int, channels: int, n: int = 6) -> np.ndarray:
+  """Random uint8 images with flat patches (equal neighbours) and a gradient."""
+  rng = np.random.default_rng(side)
+  images = rng.integers(0, 256, (n, side, side, channels), np.uint8)
+  images[:, :side // 3, :side // 3] = 77
+  images[:, -(side // 3):, :] = np.arange(side, dtype=np.uint8)[:, None] * 3
+  return images
+
+
+def _original_first_resize(image: np.ndarray, side: int = 256) -> tf.Tensor:
+  """The original: (grey -> RGB), tf.image.resize to side x side, cast to uint8."""
+  image = tf.constant(image)
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  return tf.cast(tf.image.resize(image, [side, side]), tf.uint8)
+
+
+def _original_train(image, window, flip, input_size=224, side=256):
+  """The original's training input (JPEG round trip aside) for a given window and flip."""
+  top, left, height, width = (int(v) for v in window)
+  crop = _original_first_resize(image, side)[top:top + height, left:left + width]
+  out = tf.image.resize(tf.cast(crop, tf.float32) / 255.0, [input_size, input_size])
+  return out[:, ::-1] if flip else out
+
+
+def _original_eval(image, input_size=224, side=256):
+  """The original's eval input: resize, cast to uint8, / 255, central crop."""
+  resized = tf.cast(_original_first_resize(image, side), tf.float32) / 255.0
+  offset = (side - input_size) // 2
+  return resized[offset:offset + input_size, offset:offset + input_size]
+
+
+@pytest.mark.parametrize('side, channels', [(32, 3), (28, 1), (128, 3)])
+def test_first_resize_truncates_exactly_as_tensorflows_uint8_cast(side, channels):
+  """CIFAR / MNIST / CORe50 to 256: dyadic lerps, so bit for bit on both paths."""
+  images = _stored_images(side, channels)
+  want = np.stack([_original_first_resize(i).numpy() for i in images]).astype(np.float32)
+  device = np.asarray(jax.jit(lambda x: device_preprocess.resize_truncated(x, 256))(images))
+  np.testing.assert_array_equal(np.broadcast_to(device, want.shape), want)
+  for image, expected in zip(images, want):
+    np.testing.assert_array_equal(preprocess.resize_truncated(tf.constant(image), 256), expected)
+  # Truncation, not rounding: a resize alone leaves fractions that the cast drops.
+  assert not np.array_equal(
+      tf.image.resize(images[0], [256, 256]).numpy()[..., :1], want[0][..., :1])
+
+
 @pytest.mark.parametrize('side, channels, norm_01', [(32, 3, True), (128, 3, False),
                                                     (28, 1, False)])
-def test_full_size_crops_flips_and_central_crops_equal_the_host(side, channels, norm_01):
+def test_full_size_crops_flips_and_central_crops_equal_the_original_and_host(
+    side, channels, norm_01):
   """Stored CIFAR / CORe50 / MNIST images to 224 via 256, as in the real configs."""
   spec = device_preprocess.DevicePreprocess(input_size=224, resize_size=256, augment=True,
                                             max_value=255.0, norm_01=norm_01)
-  images = np.random.default_rng(side).integers(0, 256, (6, side, side, channels), np.uint8)
-  crops, flips, train_want, eval_want = [], [], [], []
+  images = _stored_images(side, channels)
+  crops, flips, host_train, host_eval, want_train, want_eval = [], [], [], [], [], []
   for i, image in enumerate(images):
     seed = tf.constant([0, i], tf.int64)
     window, flip = preprocess.random_window(seed, 256)
     crops.append(window.numpy())
     flips.append(bool(flip))
-    pixels = preprocess.to_float_rgb(tf.constant(image))
-    train_want.append(preprocess.normalize(preprocess.train_image(
-        pixels, seed, resize_size=256, input_size=224), norm_01))
-    eval_want.append(preprocess.normalize(preprocess.eval_image(
-        pixels, resize_size=256, input_size=224), norm_01))
+    host_train.append(preprocess.normalize(preprocess.train_image(
+        tf.constant(image), seed, resize_size=256, input_size=224), norm_01))
+    host_eval.append(preprocess.normalize(preprocess.eval_image(
+        tf.constant(image), resize_size=256, input_size=224), norm_01))
+    want_train.append(preprocess.normalize(_original_train(image, crops[-1], flip), norm_01))
+    want_eval.append(preprocess.normalize(_original_eval(image), norm_01))
   assert set(flips) == {True, False}
   batch = {'image': images, 'crop': np.stack(crops), 'flip': np.array(flips)}
   atol = _ATOL_224 * (1 if norm_01 else 2)
-  np.testing.assert_allclose(jax.jit(spec.train_images)(batch), np.stack(train_want), atol=atol)
-  np.testing.assert_allclose(jax.jit(spec.eval_images)(batch), np.stack(eval_want), atol=atol)
+  train = np.asarray(jax.jit(spec.train_images)(batch))
+  for got in (train, np.stack(host_train)):
+    np.testing.assert_allclose(got, np.stack(want_train), atol=atol)
+  # Evaluation: truncated pixels / 255, cropped: exact on the host; compiled, XLA may
+  # multiply by 1 / 255 instead (one float32 step).
+  evaluated = np.asarray(jax.jit(spec.eval_images)({'image': images}))
+  np.testing.assert_allclose(evaluated, np.stack(want_eval), rtol=0, atol=1.2e-7)
+  np.testing.assert_array_equal(np.stack(host_eval), np.stack(want_eval))
+  # An eval batch with crops and flips (CORe50's test set) gets the training input.
+  np.testing.assert_array_equal(jax.jit(spec.eval_images)(batch), train)
 
 
 def _flat(batch):
@@ -85,7 +146,12 @@ def _flat(batch):
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
 
-def _assert_same_inputs(dataset, overrides, train_task=0, eval_set=0, channels=None):
+def _assert_same_inputs(dataset, overrides, train_task=0, eval_set=0, channels=None,
+                        eval_keys=('image', 'label', 'mask')):
+  # Stored 32, 28 or 128 pixels to 16: dyadic lerps, as 32, 28, 128 to 256 in the real
+  # configs, so both paths truncate the same exact values. (At other scales a compiled
+  # fused multiply-add may move a value across an integer: a rare 1 / 255 step.)
+  overrides = {'resize_size': 16, **overrides}
   host = _create(pipeline_config(dataset, preprocess_on_device=False, **overrides))
   device = _create(pipeline_config(dataset, preprocess_on_device=True, **overrides))
   spec = device.device_preprocess
@@ -97,6 +163,8 @@ def _assert_same_inputs(dataset, overrides, train_task=0, eval_set=0, channels=N
   for fn, want_ds, got_ds in pairs:
     want_list, got_list = batches(want_ds), batches(got_ds)
     assert len(want_list) == len(got_list) > 0
+    if fn is eval_fn:
+      assert set(got_list[0]) == set(eval_keys)
     for want, got in zip(want_list, got_list):
       want, got = _flat(want), _flat(got)
       # The device batches carry the small stored images, not network inputs.
@@ -112,9 +180,18 @@ def _assert_same_inputs(dataset, overrides, train_task=0, eval_set=0, channels=N
 def test_cifar_crop_flip_and_central_crop_equal_the_host():
   spec = _assert_same_inputs('cifar100', {'num_epochs': 1})
   assert spec.augment and spec.max_value == 255.0
-  # And with pixels in [-1, 1], a resize up to 14 and a crop to 12.
-  _assert_same_inputs('cifar100', {'num_epochs': 1, 'norm_01': False, 'input_size': 12,
-                                   'resize_size': 14})
+  # And with pixels in [-1, 1] and a crop to 12.
+  _assert_same_inputs('cifar100', {'num_epochs': 1, 'norm_01': False, 'input_size': 12})
+  # Test images with the training augmentation, when asked for.
+  _assert_same_inputs('cifar100', {'num_epochs': 1, 'eval_with_train_augment': True},
+                      eval_keys=('image', 'label', 'mask', 'crop', 'flip'))
+
+
+def test_core50_test_images_get_the_training_augmentation_equal_on_both_paths():
+  config = {'num_epochs': 1, 'continual.num_tasks': 8, 'eval_with_train_augment': None}
+  _assert_same_inputs('core50', config, eval_keys=('image', 'label', 'mask', 'crop', 'flip'))
+  # Off: the central crop, on both paths too.
+  _assert_same_inputs('core50', {**config, 'eval_with_train_augment': False})
 
 
 def test_grey_mnist_of_5datasets_equals_the_host():
@@ -183,3 +260,90 @@ def test_eval_images_cached_within_budget_and_streamed_beyond_it():
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
       np.testing.assert_array_equal(a[key], c[key])
+
+
+def test_core50_cached_query_features_equal_recomputed_on_augmented_test_images():
+  """Every evaluation sees the same augmented test images, so the cache stays exact."""
+  config = e2e_util.tiny_digits_config(**{
+      'dataset': 'core50', 'resize_size': 18, 'continual.num_tasks': 2,
+      'prompt_pool_param.batchwise_prompt_at_test': False, 'num_eval_steps': 3})
+  benchmark = _create(config)
+  assert benchmark.device_preprocess is not None
+  assert {'crop', 'flip'} <= set(batches(benchmark.eval_dataset(0).take(1))[0])
+  model = factory.create_model(config, benchmark.num_classes)
+  query_model = factory.create_query_model(config, benchmark.num_classes)
+  params = factory.init_params(model, jax.random.PRNGKey(0), config.input_size)
+  params['head']['kernel'] = np.random.default_rng(0).normal(size=params['head']['kernel'].shape)
+  query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
+  options = steps.StepOptions.from_config(config, 8)
+  assert options.needs_query
+  rparams, rquery = steps.replicate(params), steps.replicate(query_params)
+
+  def evaluator(cache):
+    return evaluation.Evaluator(benchmark, model, query_model, options, cache_query_features=cache,
+                                num_eval_steps=config.num_eval_steps, task_incremental=False)
+
+  cached = evaluator(True)
+  first = cached.evaluate(rparams, rquery, 0)  # Computes and keeps the features.
+  second = cached.evaluate(rparams, rquery, 0)  # Reuses them.
+  fresh = evaluator(False).evaluate(rparams, rquery, 0)
+  for result in (first, second):
+    assert result['accuracy'] == fresh['accuracy'] and result['count'] == fresh['count'] > 0
+    np.testing.assert_allclose(result['loss'], fresh['loss'], rtol=1e-6)
+    np.testing.assert_array_equal(result['prompt_counts'], fresh['prompt_counts'])
+  # The kept features are those of the augmented test images, batch by batch.
+  query = jax.pmap(lambda p, b: steps.query_step(p, b, query_model=query_model,
+                                                 preprocess=benchmark.device_preprocess),
+                   axis_name=steps.AXIS)
+  central = config.copy_and_resolve_references()
+  central.eval_with_train_augment = False  # The central crop instead: other features.
+  plain = _create(central).eval_dataset(0).take(config.num_eval_steps)
+  plain_batches = steps.device_batches(iter(tfds.as_numpy(plain)))
+  assert len(cached._cache[0]) == config.num_eval_steps
+  for batch, plain_batch, stored in zip(cached._batches(0), plain_batches, cached._cache[0]):
+    np.testing.assert_allclose(np.asarray(stored), np.asarray(query(rquery, batch)),
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(np.asarray(stored), np.asarray(query(rquery, plain_batch)))
+
+
+def natural_32x32(n: int, seed: int = 0) -> list[tf.Tensor]:
+  """CIFAR-like uint8 [32, 32, 3] images: random squares of scikit-learn's two sample
+  photographs, downscaled with antialiasing."""
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  photos = load_sample_images().images
+  rng = np.random.default_rng(seed)
+  images = []
+  for k in range(n):
+    photo = photos[k % len(photos)]
+    h, w = photo.shape[:2]
+    side = int(rng.integers(48, min(h, w)))
+    y, x = rng.integers(0, h - side), rng.integers(0, w - side)
+    small = tf.image.resize(photo[y:y + side, x:x + side], [32, 32], antialias=True)
+    images.append(tf.cast(tf.round(tf.clip_by_value(small, 0, 255)), tf.uint8))
+  return images
+
+
+def jpeg_round_trip_effect(images, draws: int = 4) -> float:
+  """Mean |difference| ([0, 1] scale) of the 224 training input with and without the
+  original's JPEG round trip (quality 95, decoded with the crop) of the truncated 256 image.
+
+  python -c "from tests.test_device_preprocess import *
+  print(jpeg_round_trip_effect(natural_32x32(64)))"
+  """
+  diffs = []
+  for n, image in enumerate(images):
+    jpeg = tf.io.encode_jpeg(_original_first_resize(image.numpy()), quality=95)
+    for d in range(draws):
+      seed = tf.constant([n, d], tf.int64)
+      ours = preprocess.train_image(image, seed, resize_size=256, input_size=224)
+      window, flip = preprocess.random_window(seed, 256)
+      crop = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+      theirs = tf.image.resize(tf.cast(crop, tf.float32) / 255.0, [224, 224])
+      diffs.append(np.abs(ours - (theirs[:, ::-1] if flip else theirs)).mean())
+  return float(np.mean(diffs))
+
+
+def test_the_left_out_jpeg_round_trip_moves_inputs_by_about_one_grey_level():
+  # 64 images x 4 windows give 0.0039 (1.0 / 255); random-noise images 0.010.
+  effect = jpeg_round_trip_effect(natural_32x32(8), draws=2)
+  assert 0.5 / 255 < effect < 2 / 255

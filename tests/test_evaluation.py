@@ -7,6 +7,7 @@ import pytest
 from libml import device_preprocess
 from libml import evaluation
 from libml import input_pipeline
+from libml import record_sources
 from libml import steps
 from models import factory
 from tests import e2e_util
@@ -47,3 +48,32 @@ def test_cached_query_features_equal_recomputed(on_device):
   for batch, stored in zip(cached._batches(1), features):
     np.testing.assert_allclose(np.asarray(stored), np.asarray(query(rquery, batch)), rtol=1e-6, atol=1e-6)
   assert first["count"] > 0
+
+
+def test_padding_is_not_counted_and_task_incremental_masks_other_classes():
+  # 2 devices x 5 images: the 72 test images of digits 0-1 (and of 2-3) fill 8 batches of 10
+  # and are padded with 8 images labelled 0.
+  config = e2e_util.tiny_digits_config(per_device_batch_size=5)
+  benchmark = input_pipeline.create_benchmark(config)
+  labels = record_sources.digits_splits()["test"][2]
+  counts = np.bincount(labels, minlength=10)
+  assert counts[0] + counts[1] == counts[2] + counts[3] == 72 and 72 % 10
+  model = factory.create_model(config, benchmark.num_classes)
+  query_model = factory.create_query_model(config, benchmark.num_classes)
+  params = factory.init_params(model, jax.random.PRNGKey(0), config.input_size)
+  # A zero head kernel makes the logits the bias for every image: the model always predicts
+  # class 0 over all classes, class 0 among {0, 1} and class 3 among {2, 3}.
+  params["head"]["kernel"] = np.zeros_like(params["head"]["kernel"])
+  params["head"]["bias"] = np.array([3.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
+  query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
+  options = steps.StepOptions.from_config(config, 10)
+  rparams, rquery = steps.replicate(params), steps.replicate(query_params)
+
+  evaluators = {task_incremental: evaluation.Evaluator(
+      benchmark, model, query_model, options, cache_query_features=False, num_eval_steps=-1,
+      task_incremental=task_incremental) for task_incremental in (False, True)}
+  expected = {(False, 0): counts[0], (False, 1): 0, (True, 0): counts[0], (True, 1): counts[3]}
+  for (task_incremental, eval_set), correct in expected.items():
+    result = evaluators[task_incremental].evaluate(rparams, rquery, eval_set)
+    assert result["count"] == 72, (task_incremental, eval_set)
+    assert result["accuracy"] == pytest.approx(100.0 * correct / 72), (task_incremental, eval_set)

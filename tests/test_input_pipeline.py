@@ -251,27 +251,79 @@ def test_hosts_share_train_equally_and_eval_exactly_once():
   assert sorted(key(shares[0]) + key(shares[1])) == key(whole)
 
 
-def test_gaussian_schedule_drives_labels_masks_and_eval_times():
-  config = _digits_config(gaussian_schedule=True,
-                          **{'continual.num_tasks': 12})
+def _gaussian_config(**overrides):
+  # 20 episodes, steps -25: the 10 digits peak at episodes 1, 3, ..., 19, two
+  # episodes wide (50 / 25): label sets of 1-3 digits, every record of them trained.
+  return _digits_config(gaussian_schedule=True, **{
+      'continual.num_tasks': 20, 'continual.num_train_steps_per_task': -25,
+      **overrides})
+
+
+def test_gaussian_episodes_train_every_record_of_their_label_sets():
+  _, images, labels = record_sources.digits_splits()['train']
+  config = _gaussian_config(preprocess_on_device=True)  # Batches hold the stored pixels.
   bench = _create(config)
-  schedule = gaussian_schedule.episode_labels(
-      num_classes=10, num_episodes=12, batches_per_episode=5, batch_size=4,
-      seed=config.seed)
-  assert bench.num_tasks == 12 and bench.num_train_steps(3) == 5
-  for episode in (0, 11):
-    got = np.stack([b['label'] for b in batches(bench.train_dataset(episode))])
-    np.testing.assert_array_equal(got.reshape(5, 4), schedule[episode])
-    np.testing.assert_array_equal(bench.class_masks[episode],
-                                  np.unique(schedule[episode]))
-  full = batches(bench.train_dataset(6))
-  _assert_same_batches(full[2:], batches(bench.train_dataset(6, start_step=2)))
-  assert [t for t in range(12) if bench.eval_sets_after(t)] == [9, 11]
+  sets = gaussian_schedule.label_sets(num_classes=10, num_tasks=20,
+                                      steps_per_task=-25, seed=config.seed)
+  assert bench.num_tasks == 20
+  for episode in (0, 13):
+    mask = sets[episode]
+    np.testing.assert_array_equal(bench.class_masks[episode], mask)
+    members = np.isin(labels, mask)
+    count = int(members.sum())
+    # Steps: all of the label set's examples per epoch (global batch 4), 2 epochs.
+    assert bench.num_train_examples[episode] == count
+    assert bench.steps_per_epoch(episode) == count // 4
+    assert bench.num_train_steps(episode) == count // 4 * 2
+    train = batches(bench.train_dataset(episode))
+    assert len(train) == count // 4 * 2
+    expected = collections.Counter(
+        (int(l), i.tobytes()) for l, i in zip(labels[members], images[members]))
+    for epoch in (train[:count // 4], train[count // 4:]):  # Each: no example twice.
+      got = collections.Counter(
+          (int(l), i.tobytes()) for b in epoch
+          for l, i in zip(b['label'].ravel(), b['image'].reshape(-1, 8, 8, 1)))
+      assert sum(got.values()) == count // 4 * 4 and not got - expected
+  # The whole test set after every 10th episode and after the last.
+  assert [t for t in range(20) if bench.eval_sets_after(t)] == [9, 19]
   assert bench.eval_sets_after(9) == [0]
   np.testing.assert_array_equal(bench.eval_set_classes(0), np.arange(10))
-  steps = pipeline_config('digits', gaussian_schedule=True,
-                          **{'continual.num_train_steps_per_task': 3})
-  assert _create(steps).num_train_steps(0) == 3
+
+
+def test_gaussian_episode_resumes_mid_epoch_and_loads_records_once():
+  config = _gaussian_config(preprocess_on_device=True)
+  full = batches(_create(config).train_dataset(13))
+  bench = _create(config)  # A restarted process.
+  loads = []
+  load = bench._source.load
+  bench._source.load = lambda *a, **k: loads.append(a) or load(*a, **k)
+  start = bench.steps_per_epoch(13) + 1  # Inside the second epoch.
+  _assert_same_batches(full[start:],
+                       batches(bench.train_dataset(13, start_step=start)))
+  batches(bench.train_dataset(2))
+  assert len(loads) == 1  # One load of every episode's records.
+  other = batches(_create(_gaussian_config(preprocess_on_device=True, seed=1))
+                  .train_dataset(13).take(10))
+  assert not all(np.array_equal(a['label'], b['label'])
+                 for a, b in zip(full, other))
+
+
+def test_gaussian_positive_steps_make_epochs_of_that_many_steps():
+  # 20 x 3 = 60 batches, peaks 3, 9, ..., 57: as the original, an epoch is 3 steps.
+  bench = _create(_gaussian_config(**{'continual.num_train_steps_per_task': 3}))
+  assert bench.steps_per_epoch(4) == 3 and bench.num_train_steps(4) == 6
+  train = batches(bench.train_dataset(4))
+  assert len(train) == 6
+  assert set(_labels(train)) <= set(bench.class_masks[4])
+  with pytest.raises(UserError, match='num_train_steps_per_task=0'):
+    _create(_gaussian_config(**{'continual.num_train_steps_per_task': 0}))
+  # rand_seed >= 0: the seeded class order owns the peaks in turn.
+  seeded = _create(_gaussian_config(**{'continual.rand_seed': 3}))
+  want = gaussian_schedule.label_sets(
+      num_classes=10, num_tasks=20, steps_per_task=-25, seed=0,
+      class_order=benchmarks.class_order(10, 3))
+  for got, mask in zip(seeded.class_masks, want):
+    np.testing.assert_array_equal(got, mask)
 
 
 def test_subsample_rate_steps_cap_and_reverse_task():
@@ -305,31 +357,116 @@ def test_bad_settings_are_one_line_user_errors(overrides, match):
   assert '\n' not in str(error.value)
 
 
-def test_preprocess_matches_resize_crop_resize_flip():
-  image = tf.constant(np.random.default_rng(0).random((12, 9, 3)), tf.float32)
+def test_preprocess_matches_the_originals_resize_cast_crop_resize_flip():
+  pixels = tf.constant(np.random.default_rng(0).integers(0, 256, (12, 9, 3)),
+                       tf.uint8)
+  # The original: resize, cast to uint8 (truncation), crop, / 255, resize, flip.
+  resized = tf.cast(tf.image.resize(pixels, [16, 16]), tf.uint8)
   flips = set()
   for i in range(12):
     seed = tf.constant([5, i], tf.int64)
-    got = preprocess.train_image(image, seed, resize_size=16, input_size=10)
+    got = preprocess.train_image(pixels, seed, resize_size=16, input_size=10)
     crop_seed, flip_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=2))
     begin, size = preprocess.sample_crop(crop_seed, 16)
     area = float(tf.reduce_prod(size)) / 16**2
     assert 0.05 - 1e-6 <= area <= 1.0
-    crop = tf.image.resize(image, [16, 16])[begin[0]:begin[0] + size[0],
-                                             begin[1]:begin[1] + size[1]]
-    want = tf.image.resize(crop, [10, 10])
+    crop = resized[begin[0]:begin[0] + size[0], begin[1]:begin[1] + size[1]]
+    want = tf.image.resize(tf.cast(crop, tf.float32) / 255.0, [10, 10])
     flip = bool(tf.random.stateless_uniform([], flip_seed) < 0.5)
     flips.add(flip)
     if flip:
       want = want[:, ::-1]
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-6)
   assert flips == {True, False}
-  evaluated = preprocess.eval_image(image, resize_size=16, input_size=10)
-  np.testing.assert_allclose(evaluated,
-                             tf.image.resize(image, [16, 16])[3:13, 3:13])
+  evaluated = preprocess.eval_image(pixels, resize_size=16, input_size=10)
+  np.testing.assert_array_equal(
+      evaluated, tf.cast(resized, tf.float32)[3:13, 3:13] / 255.0)
   gray = preprocess.to_float_rgb(tf.constant([[[255]], [[0]]], tf.uint8))
   np.testing.assert_array_equal(gray, [[[1, 1, 1]], [[0, 0, 0]]])
+
+
+@pytest.mark.parametrize('side, draws', [(256, 300), (10, 100)])
+def test_crop_windows_are_the_originals_draws(side, draws):
+  """Same seed, same window as the original's call (TensorFlow's defaults)."""
+  for i in range(draws):
+    seed = tf.constant([3, i], tf.int64)
+    begin, size = preprocess.sample_crop(seed, side)
+    want_begin, want_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        [side, side, 3], tf.zeros([0, 0, 4], tf.float32), seed=seed,
+        area_range=(0.05, 1.0), min_object_covered=0,
+        use_image_if_no_bounding_boxes=True)
+    np.testing.assert_array_equal(begin, want_begin[:2])
+    np.testing.assert_array_equal(size, want_size[:2])
+
+
+def test_crop_sampler_keeps_tensorflows_default_attempts(monkeypatch):
+  # With area_range (0.05, 1) the first attempt always yields a window (the
+  # sampler clamps the height to fit), so no draw shows max_attempts: check
+  # that the original's (TensorFlow's default, 100) is what is asked for.
+  calls = []
+  sampler = tf.image.stateless_sample_distorted_bounding_box
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return sampler(*args, **kwargs)
+
+  monkeypatch.setattr(tf.image, 'stateless_sample_distorted_bounding_box', spy)
+  preprocess.sample_crop(tf.constant([0, 1], tf.int64), 256)
+  (kwargs,) = calls
+  assert kwargs.get('max_attempts', 100) == 100
+  assert tuple(kwargs.get('aspect_ratio_range', (0.75, 1.33))) == (0.75, 1.33)
+
+
+def _real_images(batch_list) -> list[tuple[int, bytes]]:
+  """(label, image bytes) of the real examples, sorted."""
+  return sorted((int(l), i.tobytes()) for b in batch_list
+                for l, i, m in zip(b['label'].ravel(),
+                                   b['image'].reshape(-1, 8, 8, 3),
+                                   b['mask'].ravel()) if m)
+
+
+def test_core50_test_images_get_a_fixed_training_augmentation_by_default():
+  config = pipeline_config('core50', **{'continual.num_tasks': 1})
+  bench = _create(config)
+  first = batches(bench.eval_dataset(0))
+  _assert_same_batches(first, batches(bench.eval_dataset(0)))  # Every eval.
+  _assert_same_batches(first, batches(_create(config).eval_dataset(0)))  # Run.
+  central = batches(_create(pipeline_config(
+      'core50', eval_with_train_augment=False,
+      **{'continual.num_tasks': 1})).eval_dataset(0))
+  assert len(central) == len(first)
+  differ = []
+  for a, b in zip(first, central):
+    np.testing.assert_array_equal(a['label'], b['label'])
+    np.testing.assert_array_equal(a['mask'], b['mask'])
+    for x, y, real in zip(a['image'].reshape(-1, 8, 8, 3),
+                          b['image'].reshape(-1, 8, 8, 3), a['mask'].ravel()):
+      if real:
+        differ.append(not np.array_equal(x, y))
+  # A random window may happen to be the central one, unflipped: rarely.
+  assert len(differ) == _MOCK_EXAMPLES and np.mean(differ) > 0.9
+  # The augmentation follows the seed; hosts share it out record by record.
+  other = batches(_create(pipeline_config(
+      'core50', seed=1, **{'continual.num_tasks': 1})).eval_dataset(0))
+  assert _real_images(other) != _real_images(first)
+  hosts = [_create(config, host=h, hosts=2) for h in range(2)]
+  shares = [batches(h.eval_dataset(0)) for h in hosts]
+  assert sorted(_real_images(shares[0]) + _real_images(shares[1])) == (
+      _real_images(first))
+
+
+def test_other_benchmarks_test_the_central_crop_unless_asked():
+  config = lambda **kw: pipeline_config('cifar100', **{'continual.num_tasks': 1},
+                                        **kw)
+  plain = batches(_create(config()).eval_dataset(0))
+  central = batches(_create(config(eval_with_train_augment=False))
+                    .eval_dataset(0))
+  _assert_same_batches(plain, central)
+  augmented = batches(_create(config(eval_with_train_augment=True))
+                      .eval_dataset(0))
+  np.testing.assert_array_equal(valid_labels(augmented), valid_labels(plain))
+  assert _real_images(augmented) != _real_images(plain)
 
 
 @pytest.mark.parametrize('shape, dtype', [((3, 5, 5, 3), np.uint8), ((7, 8, 8, 1), np.float32),

@@ -1,8 +1,11 @@
 """Kill -9 anywhere, resume exactly: SIGKILLed runs of main.py against an uninterrupted run."""
 
+import asyncio
 import glob
 import json
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,6 +15,9 @@ from libml import checkpointing
 from libml import validation
 from tests import e2e_util
 from tests import run_util
+from tests.test_checkpointing import CORRUPTIONS
+from tests.test_checkpointing import corrupt
+from tests.test_checkpointing import snapshot
 
 # Written by ReportProgress from wall-clock time; every other scalar must match exactly.
 _TIMING_TAGS = ("steps_per_sec", "uptime")
@@ -27,7 +33,16 @@ def _temporary_dirs(workdir: str) -> list[str]:
   return glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
 
 
-def test_half_written_checkpoints_are_never_restored_and_get_cleaned_up(tmp_path):
+def test_half_written_checkpoints_are_never_restored_and_get_cleaned_up(tmp_path, monkeypatch):
+  # Orbax's own clean-up deletes in the background; a slow filesystem must not leave the
+  # half-written directory there once the checkpointer is open.
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  original_rmtree = async_path.rmtree
+
+  async def slow_rmtree(*args, **kwargs):
+    await asyncio.sleep(1)
+    return await original_rmtree(*args, **kwargs)
+  monkeypatch.setattr(async_path, "rmtree", slow_rmtree)
   state = {"w": np.arange(4, dtype=np.float32)}
   checkpointer = checkpointing.RunCheckpointer(str(tmp_path), keep_last_only=False)
   checkpointer.save(state, {"task": 0, "task_step": 1})
@@ -94,3 +109,48 @@ def test_runs_killed_in_training_evaluation_and_checkpointing_resume_exactly(tmp
   for path, leaf in want_leaves.items():
     np.testing.assert_array_equal(got_leaves[path], leaf, err_msg=jax.tree_util.keystr(path))
   _assert_same_curves(workdir, reference_dir)
+
+
+def _copy_of_reference(tmp_path, keep_up_to: int) -> tuple[str, dict]:
+  """(workdir, results): the uninterrupted tiny run as a run killed after checkpoint `keep_up_to` leaves it."""
+  reference = run_util.train_in_process(e2e_util.tiny_digits_config(), str(tmp_path / "reference"))
+  workdir = str(tmp_path / "run")
+  shutil.copytree(str(tmp_path / "reference"), workdir)
+  for name in os.listdir(os.path.join(workdir, "checkpoints")):
+    if int(name) > keep_up_to:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", name))
+  os.remove(os.path.join(workdir, "results.json"))
+  return workdir, reference
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_an_unreadable_newest_checkpoint_resumes_from_the_one_before_it(tmp_path, caplog, how):
+  # Checkpoints of the tiny run: 0 (task 0, step 2), 1 (0, 4), 2 (1, 0), 3 (1, 2), 4 (1, 4), 5 (2, 0).
+  workdir, reference = _copy_of_reference(tmp_path, keep_up_to=3)
+  corrupt(os.path.join(workdir, "checkpoints", "3"), how)
+  caplog.set_level(logging.WARNING)
+  import train_continual  # pylint: disable=g-import-not-at-top
+  results = train_continual.train_and_evaluate(e2e_util.tiny_digits_config(), workdir)
+  np.testing.assert_array_equal(results["accuracy_matrix"], reference["accuracy_matrix"])
+  np.testing.assert_array_equal(run_util.results_matrix(workdir), reference["accuracy_matrix"])
+  about_it = [r.getMessage() for r in caplog.records if os.path.join("checkpoints", "3") in r.getMessage()]
+  assert len(about_it) == 1 and "\n" not in about_it[0], about_it
+  assert about_it[0].startswith("Skipped unreadable checkpoint") and "checkpoint 2 (task 1, step 0)" in about_it[0]
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3.corrupt"))  # Set aside, not deleted.
+  assert [p["task_step"] for p, _ in run_util.read_checkpoints(workdir).values()] == [2, 4, 0, 2, 4, 0]
+
+
+def test_a_single_unreadable_checkpoint_is_one_line_with_exit_status_2_and_nothing_deleted(tmp_path):
+  workdir, _ = _copy_of_reference(tmp_path, keep_up_to=0)
+  checkpoint = os.path.join(workdir, "checkpoints", "0")
+  corrupt(checkpoint, "truncated_array_file")
+  before = snapshot(workdir)
+  done = run_util.run(run_util.command(workdir, run_util.tiny_flags()), run_util.env(2), timeout=240)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [done.stderr.strip().splitlines()[-1]]
+  assert errors[0].startswith(f"error: Cannot restore checkpoint {checkpoint} (") and "--restart" in errors[0]
+  after = snapshot(workdir)
+  assert {path: after.get(path) for path in before} == before  # New event files at most.

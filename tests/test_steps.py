@@ -40,7 +40,8 @@ def _config(**overrides):
 
 def _options(**kw):
   base = dict(needs_query=False, pull_coeff=0.0, train_mask=True, clip_mode="full", freeze_part=("embedding",),
-              base_lr=0.1, schedule="constant", pool_size=0, use_prompt_mask=False)
+              base_lr=0.1, min_lr=0.0, schedule="constant", warmup_epochs=0.0, l2_coeff=0.0, pool_size=0,
+              use_prompt_mask=False)
   base.update(kw)
   return steps.StepOptions(**base)
 
@@ -55,7 +56,7 @@ def _run(model, options, config, num_steps=3, class_ids=(2, 3)):
   class_mask = np.zeros([NUM_CLASSES], bool)
   class_mask[list(class_ids)] = True
   task = steps.replicate({"class_mask": class_mask, "prompt_ids": np.zeros([1], np.int32),
-                                   "total_steps": np.int32(10), "warmup_steps": np.int32(0)})
+                                   "steps_per_epoch": np.float32(5), "num_epochs": np.float32(2)})
   step = jax.pmap(functools.partial(steps.train_step, model=model, query_model=model, tx=tx, options=options),
                   axis_name=steps.AXIS)
   for _ in range(num_steps):
@@ -87,13 +88,119 @@ def test_without_train_mask_other_classes_move():
   assert not np.allclose(state.params["head"]["bias"][0], params["head"]["bias"][0])
 
 
-def test_trainable_clipping_equals_full_when_frozen_gradients_are_zero():
-  # The frozen 'embedding' is unused, so its gradients are zero and both modes agree.
-  model = FakeModel(use_frozen=False)
-  _, full, mf = _run(model, _options(clip_mode="full"), _config(grad_clip_max_norm=0.01))
-  _, trainable, mt = _run(model, _options(clip_mode="trainable"), _config(grad_clip_max_norm=0.01))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full.params, trainable.params)
-  np.testing.assert_allclose(mf["l2_grads"], mt["l2_grads"], rtol=1e-6)
+def _batch():
+  """The batch `_run` trains on, all devices together: images [8, 2, 2, 3], labels [8]."""
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 2, 2, 3))
+  labels = np.array([[2, 3, 2, 3], [3, 2, 3, 2]], np.int32)
+  return np.asarray(images).reshape(8, 2, 2, 3), labels.reshape(8)
+
+
+def _masked_ce(logits, labels, class_ids=(2, 3)):
+  """Mean softmax cross-entropy over the classes `class_ids` only (the train mask), in NumPy."""
+  logits = np.asarray(logits, np.float64)[:, list(class_ids)]
+  targets = np.searchsorted(np.asarray(class_ids), labels)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  return float(np.mean(log_z - logits[np.arange(len(labels)), targets]))
+
+
+def _reference_grads(model, params):
+  """Gradients of the train-masked cross-entropy over the whole batch, by jax.grad of a loss written here."""
+  images, labels = _batch()
+  class_mask = np.isin(np.arange(NUM_CLASSES), [2, 3])
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, images)
+    logits = jnp.where(class_mask, logits, -1e30)
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.mean(log_probs[jnp.arange(len(labels)), labels])
+
+  return jax.tree.map(np.asarray, jax.grad(loss)(params))
+
+
+def _norm(tree) -> float:
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_trainable_clipping_clips_by_the_trainable_norm_and_full_by_the_whole_norm(active):
+  # Plain SGD (momentum 0) so that one step moves every parameter by exactly -lr * clipped gradient.
+  model = FakeModel(use_frozen=True)
+  params = model.init(jax.random.PRNGKey(0), _batch()[0][:4])["params"]
+  grads = _reference_grads(model, params)
+  trainable_grads = {k: v for k, v in grads.items() if k != "embedding"}
+  norm_all, norm_trainable = _norm(grads), _norm(trainable_grads)
+  assert norm_all > 1.5 * norm_trainable > 0  # the frozen embedding's gradients weigh
+  max_norm = 0.5 * norm_trainable if active else 10.0 * norm_all
+  config = _config(optim="sgd", sgd_momentum=0.0, grad_clip_max_norm=max_norm)
+  results = {mode: _run(model, _options(clip_mode=mode), config, num_steps=1) for mode in ("full", "trainable")}
+  jax.tree.map(np.testing.assert_array_equal, results["full"][0], params)  # _run starts from `params`
+  for mode, norm in (("full", norm_all), ("trainable", norm_trainable)):
+    _, state, metrics = results[mode]
+    lr = float(metrics["learning_rate"])
+    scale = min(1.0, max_norm / norm)
+    for name in ("head", "e_prompt"):
+      expected = jax.tree.map(lambda p, g: np.asarray(p) - lr * scale * g, params[name], grads[name])
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                   state.params[name], expected)
+    np.testing.assert_allclose(metrics["l2_grads"], norm, rtol=1e-5)
+  full, trainable = results["full"][1].params, results["trainable"][1].params
+  if active:  # Clipped by different norms: different steps.
+    assert not np.allclose(full["head"]["kernel"], trainable["head"]["kernel"], rtol=1e-4, atol=0)
+  else:  # Unclipped: the same step.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), full, trainable)
+
+
+def test_sgd_is_nesterov_momentum():
+  # flax.optim.Momentum(beta, nesterov=True): v = beta * v + g; p -= lr * (beta * v + g).
+  beta = 0.9
+  model = FakeModel(use_frozen=True)
+  config = _config(optim="sgd", sgd_momentum=beta, grad_clip_max_norm=0.0)
+  params = model.init(jax.random.PRNGKey(0), _batch()[0][:4])["params"]
+  _, state, metrics = _run(model, _options(), config, num_steps=3)
+  lr = float(metrics["learning_rate"])  # constant schedule
+  expected = jax.tree.map(np.asarray, params)
+  velocity = jax.tree.map(np.zeros_like, expected)
+  for _ in range(3):
+    grads = _reference_grads(model, expected)
+    velocity = jax.tree.map(lambda v, g: beta * v + g, velocity, grads)
+    for name in ("head", "e_prompt"):  # the frozen embedding does not move
+      expected[name] = jax.tree.map(lambda p, v, g: p - lr * (beta * v + g), expected[name], velocity[name],
+                                    grads[name])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, expected)
+
+
+class PullModel(nn.Module):
+  """FakeModel plus a trainable key whose similarity to the batch's mean feature is `reduce_sim`."""
+
+  @nn.compact
+  def __call__(self, images, cls_features=None, prompt_mask=None, vote_mask=None, train=False):
+    h = nn.Dense(4, name="embedding")(images.reshape(images.shape[0], -1))
+    key = self.param("e_prompt", nn.initializers.normal(1.0), (4,))
+    logits = nn.Dense(NUM_CLASSES, name="head")(h)
+    return logits, {"pre_logits": h, "reduce_sim": jnp.sum(key * jnp.mean(h, 0))}
+
+
+def test_pull_constraint_is_subtracted_from_the_loss():
+  coeff = 0.7
+  model = PullModel()
+  params, state, metrics = _run(model, _options(pull_coeff=coeff, clip_mode="trainable"),
+                                _config(grad_clip_max_norm=0.0), num_steps=1)
+  # Loss and reduce_sim of each device's half of the batch at the initial parameters, then averaged.
+  images, labels = _batch()
+  losses, sims = [], []
+  for half in (slice(0, 4), slice(4, 8)):
+    logits, aux = model.apply({"params": params}, images[half])
+    sims.append(float(aux["reduce_sim"]))
+    losses.append(_masked_ce(logits, labels[half]) - coeff * sims[-1])
+  assert abs(np.mean(sims)) > 0.1  # the term weighs
+  np.testing.assert_allclose(metrics["reduce_sim"], np.mean(sims), rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-5)
+  # d(loss)/d(key) = -coeff * mean feature: Adam's first step moves the key by lr * sign(mean feature),
+  # raising the similarity.
+  features = np.stack([np.asarray(model.apply({"params": params}, images[h])[1]["pre_logits"]).mean(0)
+                       for h in (slice(0, 4), slice(4, 8))]).mean(0)
+  lr = float(metrics["learning_rate"])
+  np.testing.assert_allclose(state.params["e_prompt"] - params["e_prompt"], lr * np.sign(features), rtol=1e-3)
 
 
 def test_clipping_modes_differ_when_frozen_gradients_are_not_zero():
@@ -128,14 +235,34 @@ def test_trainable_mask_is_a_substring_match():
   assert mask["e_prompt"]["prompt"] and mask["e_prompt"]["key"] and mask["head"]["kernel"]
 
 
-def test_learning_rate_schedules():
-  at = functools.partial(optim.learning_rate_at, base_lr=1.0, warmup_steps=10, total_steps=110)
-  assert float(at(50, schedule="constant")) == 1.0
-  assert float(at(0, schedule="cosine")) == pytest.approx(1.0)
-  assert float(at(55, schedule="cosine")) == pytest.approx(0.5)
-  assert float(at(4, schedule="warmup_constant")) == pytest.approx(0.5)
-  assert float(at(60, schedule="warmup_cosine")) == pytest.approx(0.5)
+def test_learning_rate_schedules_as_the_original():
+  # 10 steps per epoch, 5 epochs; the original counts steps from 1 and measures in epochs.
+  at = functools.partial(optim.learning_rate_at, base_lr=1.0, min_lr=0.0, steps_per_epoch=10.0,
+                         num_epochs=5.0)
+  assert float(at(49, schedule="constant", warmup_epochs=0.0)) == 1.0
+  # Cosine without warm-up: step 1 of 50 is already 1/50 of the way down.
+  assert float(at(0, schedule="cosine", warmup_epochs=0.0)) == pytest.approx(0.5 * (1 + np.cos(np.pi / 50)))
+  assert float(at(24, schedule="cosine", warmup_epochs=0.0)) == pytest.approx(0.5)
+  assert float(at(49, schedule="cosine", warmup_epochs=0.0)) == pytest.approx(0.0, abs=1e-7)
+  assert float(at(24, schedule="linear", warmup_epochs=0.0)) == pytest.approx(0.5)
+  # One warm-up epoch: step 5 is half-way up, for every schedule (constant included);
+  # the decay then runs over epochs 1..5: epoch 3 is half-way down.
+  for schedule in optim.SCHEDULES:
+    assert float(at(4, schedule=schedule, warmup_epochs=1.0)) == pytest.approx(0.5)
+  assert float(at(29, schedule="cosine", warmup_epochs=1.0)) == pytest.approx(0.5)
+  assert float(at(29, schedule="linear", warmup_epochs=1.0)) == pytest.approx(0.5)
+  # min_learning_rate floors the rate once warm, not during the warm-up.
+  assert float(at(49, schedule="linear", warmup_epochs=1.0, min_lr=0.1)) == pytest.approx(0.1)
+  assert float(at(0, schedule="linear", warmup_epochs=1.0, min_lr=0.5)) == pytest.approx(0.1)
   assert optim.base_learning_rate(ml_collections.ConfigDict({"learning_rate": 0.03}), 128) == pytest.approx(0.015)
+
+
+def test_l2_loss_term_counts_every_weight_of_rank_two_or_more():
+  params = {"frozen": {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.full((3,), 5.0)},
+            "prompt": jnp.ones((2, 2, 2))}
+  assert float(optim.l2_loss(params)) == 6 * 4.0 + 8 * 1.0  # biases (rank 1) are left out
+  coeff = lambda name: optim.l2_loss_coeff(ml_collections.ConfigDict({"optim": name, "weight_decay": 0.01}))
+  assert coeff("adam") == coeff("sgd") == 0.005 and coeff("adamw") == 0.0
 
 
 def test_shared_prompt_pool_transfer():
@@ -149,3 +276,28 @@ def test_shared_prompt_pool_transfer():
   np.testing.assert_array_equal(out["e_prompt"]["key"], key)
   same = train_state.transfer_prompt_slots(params, task=0, top_k=2, copy_prompt=True, copy_key=True)
   np.testing.assert_array_equal(same["e_prompt"]["prompt"], prompt)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_weight_decay_as_the_original(name):
+  # "adam"/"sgd": + 0.5 wd sum(w^2) over rank >= 2 weights (the frozen embedding too) in the
+  # loss and so in the gradient; "adam"/"adamw": p -= lr * wd * p in the update.
+  wd = 0.01
+  model = FakeModel(use_frozen=True)
+  config = _config(optim=name, sgd_momentum=0.0, weight_decay=wd, grad_clip_max_norm=0.0)
+  params, state, metrics = _run(model, _options(l2_coeff=optim.l2_loss_coeff(config)), config, num_steps=1)
+  images, labels = _batch()
+  in_loss = name != "adamw"
+  sq = sum(float(np.sum(np.square(params[k]["kernel"], dtype=np.float64))) for k in ("embedding", "head"))
+  ce = np.mean([_masked_ce(model.apply({"params": params}, images[h])[0], labels[h])
+                for h in (slice(0, 4), slice(4, 8))])
+  np.testing.assert_allclose(metrics["loss"], ce + (0.5 * wd * sq if in_loss else 0.0), rtol=1e-5)
+  lr = float(metrics["learning_rate"])
+  g = _reference_grads(model, params)["head"]["kernel"] + (wd * np.asarray(params["head"]["kernel"]) if in_loss else 0)
+  p = np.asarray(params["head"]["kernel"])
+  if name == "sgd":
+    expected = p - lr * g
+  else:  # Adam's first step: m / (sqrt(v) + eps) = g / (|g| + eps).
+    expected = p - lr * (g / (np.abs(g) + 1e-8) + wd * p)
+  np.testing.assert_allclose(state.params["head"]["kernel"], expected, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(state.params["embedding"]["kernel"], params["embedding"]["kernel"])

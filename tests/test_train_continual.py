@@ -89,3 +89,24 @@ def test_one_and_two_devices_agree_for_the_same_global_batch(tmp_path):
   one = _run_subprocess(str(tmp_path / "one"), 1, 16, 8)
   two = _run_subprocess(str(tmp_path / "two"), 2, 8, 8)
   np.testing.assert_allclose(one, two, atol=1e-6, equal_nan=True)
+
+
+def test_prompt_mask_beyond_the_pool_falls_back_to_key_matching(tmp_path, monkeypatch, caplog):
+  # pool 3, top_k 2: task 0 trains on prompt ids 0..1; task 1's ids 2..3 leave the pool, so
+  # task 1 selects by key matching, as the original, with a warning (not a refusal).
+  config = e2e_util.tiny_digits_config(**{"prompt_pool_param.use_prompt_mask": True,
+                                          "prompt_pool_param.pool_size": 3, "prompt_pool_param.top_k": 2})
+  calls = []
+  original_init = train_continual._Runner.__init__
+
+  def counting_init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    for name in ("train_step", "unmasked_train_step"):
+      fn = getattr(self, name)
+      setattr(self, name, lambda *a, _fn=fn, _name=name: (calls.append(_name), _fn(*a))[1])
+
+  monkeypatch.setattr(train_continual._Runner, "__init__", counting_init)
+  with caplog.at_level("WARNING"):
+    train_continual.train_and_evaluate(config, str(tmp_path / "run"))
+  assert calls == ["train_step"] * 4 + ["unmasked_train_step"] * 4
+  assert any("prompt ids 2..3 are outside pool_size=3" in r.getMessage() for r in caplog.records)
