@@ -19,7 +19,7 @@ demo: install
 	rm -rf $(DEMO_WORKDIR)
 	$(PY) main.py --my_config configs/digits_l2p.py --workdir $(DEMO_WORKDIR)
 
-# The whole suite (about 5-8 minutes on 2 CPU cores).
+# The whole suite (about 10 minutes on 2 CPU cores).
 test: install
 	$(PY) -m pytest -q -n 2 tests
 
