@@ -25,8 +25,10 @@ workdir must be on a filesystem all hosts share.
 """
 
 import itertools
+import logging as py_logging
 import os
 import shutil
+import sys
 from typing import Any
 
 from absl import logging
@@ -53,6 +55,54 @@ def _sync(name: str) -> None:
   ocp.multihost.sync_global_processes(f"l2p_checkpointing_{name}_{next(_barrier_ids)}")
 
 
+def _closed_loop(error) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _is_leftover_of_failed_restore(unraisable) -> bool:
+  """Whether an unraisable exception is debris of orbax giving up on a damaged checkpoint."""
+  if _closed_loop(unraisable.exc_value):
+    return True  # A TensorStore read finishing after orbax closed its event loop.
+  code = getattr(unraisable.object, "cr_code", None)  # A read coroutine of orbax's collected unawaited.
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+class _DropUnretrievedReads(py_logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" reports of orbax's abandoned reads."""
+
+  def filter(self, record) -> bool:
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message
+                and any(mark in message for mark in ("orbax", "TensorStore", "OCDBT")))
+
+
+def _ignore_leftovers_of_failed_restores() -> None:
+  """Keeps stderr free of the noise a failed restore leaves behind.
+
+  When orbax gives up on a damaged checkpoint, the reads of its other arrays are abandoned:
+  they finish later and call back into the event loop orbax has closed, or are collected
+  with their exceptions unretrieved, and Python and asyncio print a trace for each, at any
+  moment, even while the restore is still failing or after the run's one `error:` line. A
+  failed restore is handled (skipped, or one `error:` line), so exactly these reports are
+  dropped, from the first restore on; every other one still gets through.
+  """
+  if getattr(sys.unraisablehook, "drops_failed_restores", False):
+    return
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable_hook(unraisable):
+    if not _is_leftover_of_failed_restore(unraisable):
+      previous_unraisable(unraisable)
+
+  def except_hook(kind, error, trace):
+    if not _closed_loop(error):
+      previous_except(kind, error, trace)
+
+  unraisable_hook.drops_failed_restores = True
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  py_logging.getLogger("asyncio").addFilter(_DropUnretrievedReads())
+
+
 class RunCheckpointer:
   """Saves and restores (TrainState, progress) pairs under `<workdir>/checkpoints`."""
 
@@ -76,6 +126,8 @@ class RunCheckpointer:
     return os.path.join(self.directory, str(step))
 
   def _restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
+    # Before the attempt: the abandoned reads of a failing restore may report while it fails.
+    _ignore_leftovers_of_failed_restores()
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target_state), progress=ocp.args.JsonRestore()))
     progress = restored.progress
