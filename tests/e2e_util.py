@@ -3,9 +3,14 @@
 import glob
 import os
 
+import jax
+import numpy as np
 import tensorflow as tf
 
 from configs import digits_l2p
+from libml import evaluation
+from libml import steps
+from models import factory
 
 
 def tiny_digits_config(**overrides):
@@ -42,3 +47,37 @@ def all_tags(workdir: str) -> set[str]:
           for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True)
           for event in tf.compat.v1.train.summary_iterator(path)
           for value in event.summary.value}
+
+
+def snapshot(directory: str) -> dict[str, bytes]:
+  """Every file under `directory`: relative path -> content."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def evaluator_setup(config, benchmark):
+  """Models with a random non-zero head and Evaluators over `benchmark`, for cache tests.
+
+  Returns:
+    (make, rparams, rquery, query_model): `make(cache)` builds an Evaluator that caches the
+    query features or not; rparams / rquery are the replicated model / query parameters.
+  """
+  model = factory.create_model(config, benchmark.num_classes)
+  query_model = factory.create_query_model(config, benchmark.num_classes)
+  params = factory.init_params(model, jax.random.PRNGKey(0), config.input_size)
+  # A non-zero head so that accuracies and losses depend on the prompts chosen.
+  params["head"]["kernel"] = np.random.default_rng(0).normal(size=params["head"]["kernel"].shape)
+  query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
+  options = steps.StepOptions.from_config(config, 8)
+  assert options.needs_query
+
+  def make(cache: bool) -> evaluation.Evaluator:
+    return evaluation.Evaluator(benchmark, model, query_model, options, cache_query_features=cache,
+                                num_eval_steps=config.num_eval_steps, task_incremental=False)
+
+  return make, steps.replicate(params), steps.replicate(query_params), query_model

@@ -22,17 +22,6 @@ from tests import run_util
 _DIVERGES_AFTER = 3  # Global train step whose update makes every parameter NaN.
 
 
-def _snapshot(directory: str) -> dict[str, bytes]:
-  """Every file under `directory`: relative path -> content."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
-
-
 def _one_line_error(config, workdir: str, match: str, **kwargs) -> str:
   with pytest.raises(UserError, match=match) as error:
     train_continual.train_and_evaluate(config, workdir, **kwargs)
@@ -159,16 +148,16 @@ def test_bad_config_is_one_line_before_anything_is_written(tmp_path, case):
 def test_config_error_leaves_an_existing_run_untouched(tmp_path, previous_run):
   workdir = str(tmp_path / "run")
   shutil.copytree(previous_run[0], workdir)
-  before = _snapshot(workdir)
+  before = e2e_util.snapshot(workdir)
   config = e2e_util.tiny_digits_config(**{"prompt_pool_param.top_k": 11, "prompt_pool_param.pool_size": 10})
   _one_line_error(config, workdir, "top_k=11")
-  assert _snapshot(workdir) == before
+  assert e2e_util.snapshot(workdir) == before
 
 
 def test_workdir_of_another_config_is_refused_unless_restart(tmp_path, previous_run):
   workdir = str(tmp_path / "run")
   shutil.copytree(previous_run[0], workdir)
-  before = _snapshot(workdir)
+  before = e2e_util.snapshot(workdir)
   stored = previous_run[1]
   config = e2e_util.tiny_digits_config(learning_rate=stored.learning_rate * 2, **{
       "prompt_pool_param.length": stored.prompt_pool_param.length + 1})
@@ -177,10 +166,10 @@ def test_workdir_of_another_config_is_refused_unless_restart(tmp_path, previous_
   message = _one_line_error(config, workdir, "holds a run of a different config")
   assert message == (f"workdir {workdir!r} holds a run of a different config ({diff}); pass --restart to "
                      "move that run aside and start over, or choose another --workdir.")
-  assert _snapshot(workdir) == before
+  assert e2e_util.snapshot(workdir) == before
   # --restart moves the whole earlier run aside, byte for byte, and starts a new one.
   validation.claim_workdir(workdir, config, restart=True)
-  assert _snapshot(workdir + ".old") == before
+  assert e2e_util.snapshot(workdir + ".old") == before
   with open(os.path.join(workdir, validation.CONFIG_FILE)) as f:
     assert json.load(f) == validation.config_json(config)
   assert os.listdir(workdir) == [validation.CONFIG_FILE]

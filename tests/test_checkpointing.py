@@ -13,6 +13,7 @@ import pytest
 from libml import checkpointing
 from libml import train_state
 from libml.errors import UserError
+from tests import e2e_util
 
 CORRUPTIONS = ("truncated_array_file", "deleted_metadata", "truncated_progress")
 
@@ -30,17 +31,6 @@ def corrupt(checkpoint_dir: str, how: str) -> None:
     raise ValueError(how)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
-
-
-def snapshot(directory: str) -> dict[str, bytes]:
-  """Every file under `directory`: relative path -> content."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
 
 
 def _state(offset: float) -> train_state.TrainState:
@@ -97,7 +87,7 @@ def test_when_no_checkpoint_restores_a_user_error_names_it_and_nothing_changes(t
   checkpointer.save(_state(0), _progress(0))
   checkpointer.close()
   corrupt(str(tmp_path / "checkpoints" / "0"), how)
-  before = snapshot(str(tmp_path))
+  before = e2e_util.snapshot(str(tmp_path))
   reopened = checkpointing.RunCheckpointer(str(tmp_path), keep_last_only=True)
   with pytest.raises(UserError) as error:
     reopened.latest(_state(0))
@@ -105,7 +95,7 @@ def test_when_no_checkpoint_restores_a_user_error_names_it_and_nothing_changes(t
   message = str(error.value)
   assert "\n" not in message
   assert f"checkpoint {tmp_path / 'checkpoints' / '0'} " in message and "--restart" in message
-  assert snapshot(str(tmp_path)) == before
+  assert e2e_util.snapshot(str(tmp_path)) == before
 
 
 def test_keep_last_only_deletes_old_checkpoints_only_after_reading_the_new_one_back(tmp_path, monkeypatch):

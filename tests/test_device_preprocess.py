@@ -14,11 +14,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from libml import device_preprocess
-from libml import evaluation
 from libml import input_pipeline
 from libml import preprocess
 from libml import steps
-from models import factory
 from tests import e2e_util
 from tests.data_fixtures import batches
 from tests.data_fixtures import pipeline_config
@@ -270,19 +268,7 @@ def test_core50_cached_query_features_equal_recomputed_on_augmented_test_images(
   benchmark = _create(config)
   assert benchmark.device_preprocess is not None
   assert {'crop', 'flip'} <= set(batches(benchmark.eval_dataset(0).take(1))[0])
-  model = factory.create_model(config, benchmark.num_classes)
-  query_model = factory.create_query_model(config, benchmark.num_classes)
-  params = factory.init_params(model, jax.random.PRNGKey(0), config.input_size)
-  params['head']['kernel'] = np.random.default_rng(0).normal(size=params['head']['kernel'].shape)
-  query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
-  options = steps.StepOptions.from_config(config, 8)
-  assert options.needs_query
-  rparams, rquery = steps.replicate(params), steps.replicate(query_params)
-
-  def evaluator(cache):
-    return evaluation.Evaluator(benchmark, model, query_model, options, cache_query_features=cache,
-                                num_eval_steps=config.num_eval_steps, task_incremental=False)
-
+  evaluator, rparams, rquery, query_model = e2e_util.evaluator_setup(config, benchmark)
   cached = evaluator(True)
   first = cached.evaluate(rparams, rquery, 0)  # Computes and keeps the features.
   second = cached.evaluate(rparams, rquery, 0)  # Reuses them.

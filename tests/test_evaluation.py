@@ -19,20 +19,8 @@ def test_cached_query_features_equal_recomputed(on_device):
                                           "preprocess_on_device": on_device})
   benchmark = input_pipeline.create_benchmark(config)
   assert (benchmark.device_preprocess is not None) == on_device
-  model = factory.create_model(config, benchmark.num_classes)
-  query_model = factory.create_query_model(config, benchmark.num_classes)
-  params = factory.init_params(model, jax.random.PRNGKey(0), config.input_size)
-  # A non-zero head so that accuracies and losses depend on the prompts chosen.
-  params["head"]["kernel"] = np.random.default_rng(0).normal(size=params["head"]["kernel"].shape)
-  query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
-  options = steps.StepOptions.from_config(config, 8)
-  assert options.needs_query
-  rparams, rquery = steps.replicate(params), steps.replicate(query_params)
-
-  def evaluator(cache):
-    return evaluation.Evaluator(benchmark, model, query_model, options, cache_query_features=cache,
-                                num_eval_steps=-1, task_incremental=False)
-
+  assert config.num_eval_steps == -1  # every batch
+  evaluator, rparams, rquery, query_model = e2e_util.evaluator_setup(config, benchmark)
   cached = evaluator(True)
   first = cached.evaluate(rparams, rquery, 1)  # computes and stores the features
   features = cached._cache[1]

@@ -17,7 +17,6 @@ from tests import e2e_util
 from tests import run_util
 from tests.test_checkpointing import CORRUPTIONS
 from tests.test_checkpointing import corrupt
-from tests.test_checkpointing import snapshot
 
 # Written by ReportProgress from wall-clock time; every other scalar must match exactly.
 _TIMING_TAGS = ("steps_per_sec", "uptime")
@@ -145,12 +144,12 @@ def test_a_single_unreadable_checkpoint_is_one_line_with_exit_status_2_and_nothi
   workdir, _ = _copy_of_reference(tmp_path, keep_up_to=0)
   checkpoint = os.path.join(workdir, "checkpoints", "0")
   corrupt(checkpoint, "truncated_array_file")
-  before = snapshot(workdir)
+  before = e2e_util.snapshot(workdir)
   done = run_util.run(run_util.command(workdir, run_util.tiny_flags()), run_util.env(2), timeout=240)
   assert done.returncode == 2, done.stderr[-3000:]
   assert "Traceback" not in done.stderr
   errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
   assert errors == [done.stderr.strip().splitlines()[-1]]
   assert errors[0].startswith(f"error: Cannot restore checkpoint {checkpoint} (") and "--restart" in errors[0]
-  after = snapshot(workdir)
+  after = e2e_util.snapshot(workdir)
   assert {path: after.get(path) for path in before} == before  # New event files at most.
