@@ -20,7 +20,6 @@ from libml.errors import UserError
 from tests import e2e_util
 from tests import run_util
 from tests.test_bad_input import _main_in_process  # pylint: disable=g-importing-member
-from tests.test_bad_input import _snapshot  # pylint: disable=g-importing-member
 
 LOCK = "run.lock"
 RUN = "run.json"
@@ -86,7 +85,7 @@ def _cut_after_first_checkpoint(workdir: str) -> None:
 def test_resume_on_other_devices_is_refused_in_one_line_naming_both(tmp_path, finished_run):
   workdir = _copy(finished_run[0], str(tmp_path / "run"))
   _cut_after_first_checkpoint(workdir)
-  before = _snapshot(workdir)
+  before = e2e_util.snapshot(workdir)
   # Two devices of 4 images began the run; one device of 4 images would halve the global batch.
   done = run_util.run(run_util.command(workdir, run_util.tiny_flags(**_OVERRIDES)), run_util.env(1), timeout=240)
   assert done.returncode == 2, done.stderr[-3000:]
@@ -97,7 +96,7 @@ def test_resume_on_other_devices_is_refused_in_one_line_naming_both(tmp_path, fi
       "global batch 8; this start has 1 process x 1 cpu device, 4 images per device, global batch 4: "
       "resuming would change its batches and prompt-vote groups, so its results; resume on the devices it "
       "began with, or pass --restart to move that run aside and start over, or choose another --workdir.")
-  assert _snapshot(workdir) == before
+  assert e2e_util.snapshot(workdir) == before
   # On the devices it began with, the same run resumes and ends as the uninterrupted run.
   results = train_continual.train_and_evaluate(_config(), workdir)
   np.testing.assert_array_equal(results["accuracy_matrix"], finished_run[1]["accuracy_matrix"])
@@ -176,18 +175,18 @@ def test_a_run_from_before_run_json_with_a_checkpoint_past_the_task_is_refused(t
 def test_a_second_run_is_refused_in_one_line_naming_the_holder(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   holder = _write_lock(workdir)  # This test's own process: alive.
-  before = _snapshot(workdir)
+  before = e2e_util.snapshot(workdir)
   status, err = _main_in_process(capsys, _config(), workdir)
   assert status == 2
   assert err.strip().splitlines() == [
       f"error: workdir {workdir!r} is in use by another run: pid {holder['pid']} on host {holder['host']}, "
       f"since {holder['started']} ({os.path.join(workdir, LOCK)}); wait for it to end or stop it, or choose "
       "another --workdir."]
-  assert _snapshot(workdir) == before
+  assert e2e_util.snapshot(workdir) == before
   # --restart does not move a live run aside.
   with pytest.raises(UserError, match="is in use by another run"):
     train_continual.train_and_evaluate(_config(), workdir, restart=True)
-  assert _snapshot(workdir) == before and not os.path.exists(workdir + ".old")
+  assert e2e_util.snapshot(workdir) == before and not os.path.exists(workdir + ".old")
 
 
 def test_a_workdir_of_another_config_is_refused_before_its_lock_matters(tmp_path, finished_run):
