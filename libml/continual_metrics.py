@@ -50,21 +50,3 @@ def matrix_to_json(matrix: np.ndarray) -> list[list[float | None]]:
 
 def matrix_from_json(rows) -> np.ndarray:
   return np.array([[np.nan if x is None else x for x in row] for row in rows], dtype=np.float64)
-
-
-def matrix_image(matrix: np.ndarray, cell: int = 16) -> np.ndarray:
-  """Renders the matrix as an RGB heat map for TensorBoard.
-
-  Args:
-    matrix: [E, T] accuracies in percent, NaN where not evaluated (drawn black).
-    cell: pixels per cell side.
-
-  Returns:
-    [1, E * cell, T * cell, 3] uint8 image: dark blue (0%) to yellow (100%).
-  """
-  a = np.nan_to_num(np.asarray(matrix, dtype=np.float64) / 100.0, nan=-1.0)
-  low, high = np.array([30, 30, 120.0]), np.array([250, 230, 40.0])
-  rgb = low + np.clip(a, 0, 1)[..., None] * (high - low)
-  rgb[a < 0] = 0
-  rgb = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
-  return rgb.astype(np.uint8)[None]

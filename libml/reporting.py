@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from libml import continual_metrics
+from libml import continual_metrics, matrix_figure
 
 
 class _ScalarLoggingWriter(metric_writers.LoggingWriter):
@@ -94,7 +94,7 @@ def write_evaluation(writer, step: int, task: int, matrix: np.ndarray, results: 
   writer.write_scalars(step, scalars)
   if histogram:
     write_histograms(writer, step, results)
-  writer.write_images(step, {"accuracy_matrix": continual_metrics.matrix_image(matrix)})
+  writer.write_images(step, {"accuracy_matrix": matrix_figure.image(matrix)})
   writer.flush()
   return final
 

@@ -94,10 +94,3 @@ def test_json_round_trip_keeps_nan():
   back = continual_metrics.matrix_from_json(continual_metrics.matrix_to_json(MATRIX))
   np.testing.assert_array_equal(np.isnan(back), np.isnan(MATRIX))
   np.testing.assert_array_equal(np.nan_to_num(back), np.nan_to_num(MATRIX))
-
-
-def test_matrix_image_shape_and_colours():
-  img = continual_metrics.matrix_image(MATRIX, cell=4)
-  assert img.shape == (1, 12, 12, 3) and img.dtype == np.uint8
-  assert (img[0, 4, 0] == 0).all()  # NaN cell is black
-  assert img[0, 0, 0].sum() > img[0, 0, 8].sum()  # 90% brighter than 70%
