@@ -46,6 +46,9 @@ VARIANTS: dict[str, ViTVariant] = {
     'ViT-L_16': _variant(1024, 16, 24, 16, 4096, dropout=0.1),
     'ViT-L_32': _variant(1024, 32, 24, 16, 4096),
     'ViT-H_14': _variant(1280, 14, 32, 16, 5120, dropout=0.1),
+    # The embedded demo's backbone (16x16 inputs, 4x4 patches), pretrained by
+    # demo/pretrain_vit.py into demo/ViT-demo_glyphs.npz.
+    'ViT-demo': _variant(64, 4, 6, 4, 256),
     # Tiny model for tests and smoke runs.
     'ViT-test': _variant(32, 8, 6, 2, 64),
 }
