@@ -22,6 +22,14 @@ from ml_collections import config_flags
 
 from libml import interrupts
 
+# Read by TensorFlow and XLA when first imported (in main(), after these lines); a user's own
+# setting wins. Level 1 keeps their C++ INFO notices out of the log (absl's "before
+# absl::InitializeLog()" line, CPU features), warnings and errors in. The oneDNN notice (where
+# TensorFlow turns oneDNN on: newer x86 CPUs) shows at any level; it goes with oneDNN.
+# TensorFlow only runs tf.data here, whose batches are the same with and without oneDNN.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("my_config", None, "Config file (configs/*.py); override fields with "
                                 "--my_config.<field>=<value>.", lock_config=True)
@@ -107,10 +115,17 @@ def _hide_accelerators_from_tensorflow() -> None:
 
 
 def _quiet_library_logs() -> None:
-  """Keeps orbax's per-save INFO lines out of the run log (warnings still show)."""
+  """Keeps libraries' INFO lines out of the run log (their warnings still show).
+
+  Orbax's per-save lines, clu's progress notes (the per-task progress line has them) and JAX's
+  probe of the backends that are not installed ("Unable to initialize backend 'tpu'"); JAX
+  still warns of a GPU or TPU that it cannot use.
+  """
   import logging as py_logging  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+      lambda r: r.levelno >= py_logging.WARNING or not any(
+          path in r.pathname for path in ("/orbax/", "/clu/platform/")))
+  py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)
 
 
 def main(argv):

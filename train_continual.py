@@ -8,6 +8,7 @@ A non-finite loss or parameter stops the run before it reaches a checkpoint.
 
 import dataclasses
 import functools
+import time
 
 from absl import logging
 from clu import periodic_actions
@@ -134,11 +135,8 @@ class _Runner:
       task, step = task - 1, self.benchmark.num_train_steps(task - 1)
     return task, step
 
-  def evaluate(self, rstate, task: int, eval_sets) -> dict[int, dict]:
-    results = {i: self.evaluator.evaluate(rstate.params, self.query_params, i) for i in eval_sets}
-    for i, r in results.items():
-      logging.info("task %d: eval set %d accuracy %.2f%% (%d images)", task, i, r["accuracy"], r["count"])
-    return results
+  def evaluate(self, rstate, eval_sets) -> dict[int, dict]:
+    return {i: self.evaluator.evaluate(rstate.params, self.query_params, i) for i in eval_sets}
 
   def save(self, rstate, progress) -> None:
     """Checkpoints `rstate` unless it holds a non-finite value (then raises UserError)."""
@@ -151,8 +149,14 @@ class _Runner:
     self.checkpointer.save(state, progress)
     self.last_saved = self._task_and_step(progress)
 
-  def train_task(self, task: int, progress: dict, report) -> None:
-    """Trains `task` from `progress['task_step']` to its end, with periodic evals and checkpoints."""
+  def train_task(self, task: int, progress: dict, report) -> tuple[int, float, list[tuple[float, int]]]:
+    """Trains `task` from `progress['task_step']` to its end, with periodic evals and checkpoints.
+
+    Returns:
+      (steps trained, seconds taken, [(time.perf_counter(), steps done) at each fetch of the
+      metrics]): what `_Progress.task_trained` reports.
+    """
+    began = time.perf_counter()
     config, benchmark = self.config, self.benchmark
     start, total = progress["task_step"], benchmark.num_train_steps(task)
     if start == 0:
@@ -179,6 +183,7 @@ class _Runner:
     rstate = steps.replicate(self.state)
     batches = steps.device_batches(iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))))
     pending = []  # Metrics of the steps since the last log, still on the devices.
+    self.synced = []  # Appended by `_log_train`: when the loop waited for the steps anyway.
     first_global_step = int(self.state.step)
     for task_step in range(start, total):
       step_fn = self.train_step if task_step < mask_steps else self.unmasked_train_step
@@ -196,7 +201,9 @@ class _Runner:
       periodic_eval = ((config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or
                        (config.eval_per_epochs > 0 and done % (per_epoch * config.eval_per_epochs) == 0))
       if periodic_eval and done < total and not config.eval_last_only:
-        results = self.evaluate(rstate, task, benchmark.eval_sets_after(task) or [0])
+        results = self.evaluate(rstate, benchmark.eval_sets_after(task) or [0])
+        for i, r in results.items():
+          logging.info("task %d: eval set %d accuracy %.2f%% (%d images)", task, i, r["accuracy"], r["count"])
         self.writer.write_scalars(global_step, reporting.eval_scalars(results))
         if config.prompt_histogram and self.options.pool_size > 0:
           reporting.write_histograms(self.writer, global_step, results)
@@ -210,6 +217,7 @@ class _Runner:
         raise interrupts.Stopped(self.stop_signal(), task, done)
     progress["task_step"] = total
     self.state = flax.jax_utils.unreplicate(rstate)
+    return total - start, time.perf_counter() - began, self.synced
 
   def stop_signal(self) -> int | None:
     """The signal that asked the run to stop, or None."""
@@ -218,6 +226,7 @@ class _Runner:
   def _log_train(self, global_step, task, done, pending) -> None:
     """Writes the means of `pending` (the steps up to `done`); raises on a non-finite loss."""
     values = [{k: float(np.asarray(v)[0]) for k, v in m.items()} for m in jax.device_get(pending)]
+    self.synced.append((time.perf_counter(), done))
     for i, v in enumerate(values):
       if not np.isfinite(v["loss"]):
         raise _diverged(f"the loss is {v['loss']}", task, done - len(values) + 1 + i, self.last_saved)
@@ -227,23 +236,63 @@ class _Runner:
     self.writer.write_scalars(global_step, scalars)
 
 
+def _duration(seconds: float) -> str:
+  """'37.2 s', '12.5 min' or '3.1 h'."""
+  if seconds < 100:
+    return f"{seconds:.1f} s"
+  return f"{seconds / 60:.1f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
+class _Progress:
+  """Logs one line per trained task: its steps, time and speed, and the ETA of the steps left.
+
+  The first task a start trains compiles the steps: its speed is measured from its first fetch
+  of metrics to its last (host syncs the loop makes anyway), if it has two. Later tasks count
+  whole, the input pipeline's start-up included, as the tasks left will. The ETA takes the
+  speed over the tasks trained so far and leaves the evaluations out.
+  """
+
+  def __init__(self, benchmark):
+    self.benchmark = benchmark
+    self.steps, self.seconds = 0, 0.0  # Measured, over the tasks trained so far.
+
+  def task_trained(self, task: int, steps: int, seconds: float, synced: list[tuple[float, int]]) -> None:
+    measured, since = (steps, seconds), ""
+    (t0, first), (t1, last) = synced[0], synced[-1]
+    if self.steps == 0 and last > first:  # The first task: compilation before the first fetch.
+      measured, since = (last - first, t1 - t0), f" from step {first} on"
+    self.steps += measured[0]
+    self.seconds += measured[1]
+    speed = f"{measured[0] / max(measured[1], 1e-9):.1f} steps/s{since}"
+    line = f"Task {task} trained: {steps} steps in {_duration(seconds)} ({speed})"
+    left = range(task + 1, self.benchmark.num_tasks)
+    if left:
+      steps_left = sum(self.benchmark.num_train_steps(t) for t in left)
+      eta = steps_left * self.seconds / max(self.steps, 1)
+      line += (f"; {len(left)} of {self.benchmark.num_tasks} tasks left, {steps_left} steps, "
+               f"training ETA {_duration(eta)}")
+    logging.info("%s.", line)
+
+
 def _train_tasks(config, benchmark, runner: _Runner, progress: dict) -> np.ndarray:
   """Trains and evaluates the tasks from `progress` on; returns the [E, T] accuracy matrix."""
   matrix = continual_metrics.matrix_from_json(progress["accuracy_matrix"])
   total_steps = sum(benchmark.num_train_steps(t) for t in range(benchmark.num_tasks))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=runner.writer, every_secs=30)
+  progress_line = _Progress(benchmark)
   for task in range(progress["task"], benchmark.num_tasks):
     if progress["task_step"] < benchmark.num_train_steps(task):
-      runner.train_task(task, progress, report)
+      progress_line.task_trained(task, *runner.train_task(task, progress, report))
     eval_sets = [] if (config.eval_last_only and task < benchmark.num_tasks - 1) else benchmark.eval_sets_after(task)
     if eval_sets:
       rstate = steps.replicate(runner.state)
-      results = runner.evaluate(rstate, task, eval_sets)
+      results = runner.evaluate(rstate, eval_sets)
       for i, r in results.items():
         matrix[i, task] = r["accuracy"]
       final = reporting.write_evaluation(runner.writer, int(runner.state.step), task, matrix, results,
                                          histogram=config.prompt_histogram and runner.options.pool_size > 0)
-      logging.info("After task %d (accuracy, %%):\n%s\n%s", task, reporting.format_matrix(matrix),
+      logging.info("After task %d (accuracy, %%; test images per eval set: %s):\n%s\n%s", task,
+                   {i: r["count"] for i, r in results.items()}, reporting.format_matrix(matrix),
                    {k: round(v, 2) for k, v in final.items()})
     progress = {**progress, "task": task + 1, "task_step": 0,
                 "accuracy_matrix": continual_metrics.matrix_to_json(matrix)}
@@ -296,5 +345,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, resta
     path = reporting.write_results(workdir, matrix, config, summary, run=run)
   finally:
     lock.release()
-  logging.info("Final accuracy matrix:\n%s\nResults: %s", reporting.format_matrix(matrix), path)
+  logging.info("Results: %s", path)  # The matrix is in the log of the last evaluation.
   return {**summary, "accuracy_matrix": matrix}

@@ -4,16 +4,36 @@ import json
 import os
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from libml import continual_metrics, matrix_figure
+from libml import continual_metrics
+from libml import matrix_figure
+
+
+# ReportProgress's timing scalars: TensorBoard's; the log has one progress line per task.
+_TIMING_SCALARS = ("steps_per_sec", "uptime")
 
 
 class _ScalarLoggingWriter(metric_writers.LoggingWriter):
-  """Logs scalars only: histograms and images belong in TensorBoard, not the text log."""
+  """Logs scalars only: histograms, images and hyperparameters belong in TensorBoard."""
+
+  def __init__(self, workdir: str):
+    super().__init__()
+    self._workdir = workdir
+
+  def write_scalars(self, step, scalars):
+    scalars = {k: v for k, v in scalars.items() if k not in _TIMING_SCALARS}
+    if scalars:
+      super().write_scalars(step, scalars)
+
+  def write_hparams(self, hparams):
+    # The whole config, one line of thousands of characters, is in config.json.
+    logging.info("Hyperparameters (%d): in TensorBoard and %s.", len(hparams),
+                 os.path.join(self._workdir, "config.json"))
 
   def write_histograms(self, step, arrays, num_buckets=None):
     del step, arrays, num_buckets
@@ -24,7 +44,7 @@ class _ScalarLoggingWriter(metric_writers.LoggingWriter):
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard + log writer on process 0; nothing is written by the other processes."""
-  writers = [_ScalarLoggingWriter()]
+  writers = [_ScalarLoggingWriter(workdir)]
   if jax.process_index() == 0:
     writers.append(metric_writers.SummaryWriter(workdir))
   return metric_writers.MultiWriter(writers)

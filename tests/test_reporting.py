@@ -60,6 +60,16 @@ def test_no_histogram_unless_asked():
   assert not writer.histograms
 
 
+def test_text_log_gets_a_short_hparams_line_and_no_timing_scalars(tmp_path, caplog):
+  writer = reporting._ScalarLoggingWriter(str(tmp_path))  # pylint: disable=protected-access
+  with caplog.at_level("INFO"):
+    writer.write_hparams({f"field_{i}": "x" * 40 for i in range(60)})
+    writer.write_scalars(7, {"steps_per_sec": 3.0, "uptime": 9.0})  # ReportProgress's: TensorBoard only.
+    writer.write_scalars(8, {"loss": 0.5, "uptime": 9.0})
+  assert [r.getMessage() for r in caplog.records] == [
+      f"Hyperparameters (60): in TensorBoard and {tmp_path}/config.json.", "[8] loss=0.5"]
+
+
 def test_results_json_holds_percent_and_says_so(tmp_path):
   matrix = np.array([[80.0, 60.0], [NAN, 90.0]])
   config = ml_collections.ConfigDict({"dataset": "digits"})
