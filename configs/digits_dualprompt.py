@@ -1,8 +1,8 @@
-"""Embedded demo: DualPrompt on scikit-learn's digits (5 tasks x 2 classes), small ViT, CPU.
+"""Embedded demo: DualPrompt on scikit-learn's digits (5 tasks x 2 classes), CPU, no download.
 
   python main.py --my_config configs/digits_dualprompt.py --workdir=./runs/digits_dualprompt
 
-Needs no download and no checkpoint (random, frozen backbone; see digits_l2p.py).
+From the shipped glyph-pretrained ViT, frozen, as digits_l2p.py.
 """
 
 from configs import cifar100_dualprompt
@@ -15,4 +15,5 @@ def get_config():
   config = digits_l2p.set_demo(config)
   config.g_prompt_length = 2
   config.prompt_pool_param.length = 2
+  config.learning_rate = 0.03
   return config

@@ -14,8 +14,12 @@ from models import factory
 
 
 def tiny_digits_config(**overrides):
-  """digits_l2p shrunk to 2 tasks x 4 steps on the tiny ViT."""
+  """digits_l2p shrunk to 2 tasks x 4 steps on the tiny, randomly initialised test ViT."""
   config = digits_l2p.get_config()
+  config.model_name = "ViT-test"
+  config.init_checkpoint = None
+  config.prompt_pool_param.length = 2
+  config.prompt_pool_param.top_k = 2
   config.continual.num_tasks = 2
   config.continual.num_train_steps_per_task = 4
   config.per_device_batch_size = 4

@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSE_ENV = "L2P_TEST_PAUSE"
 MARKER_ENV = "L2P_TEST_MARKER"
 SIGNAL_ENV = "L2P_TEST_SIGNAL"
+# The tests' config file: configs/digits_l2p.py shrunk to the tiny test ViT.
+TINY_CONFIG = "tests/tiny_digits.py"
 
 
 
@@ -45,10 +47,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def tiny_flags(**overrides) -> dict:
-  """main.py overrides of configs/digits_l2p.py that give tests.e2e_util.tiny_digits_config(**overrides)."""
-  from configs import digits_l2p  # pylint: disable=g-import-not-at-top
+  """main.py overrides of tests/tiny_digits.py that give tests.e2e_util.tiny_digits_config(**overrides)."""
   from tests import e2e_util  # pylint: disable=g-import-not-at-top
-  base = _flat(json.loads(digits_l2p.get_config().to_json_best_effort()))
+  base = _flat(json.loads(e2e_util.tiny_digits_config().to_json_best_effort()))
   tiny = _flat(json.loads(e2e_util.tiny_digits_config(**overrides).to_json_best_effort()))
   assert base.keys() == tiny.keys()
   return {k: v for k, v in tiny.items() if v != base[k]}
@@ -80,7 +81,7 @@ def env(num_devices: int, **extra: str) -> dict:
   return out
 
 
-def command(workdir: str, overrides: dict, *flags: str, config: str = "configs/digits_l2p.py") -> list[str]:
+def command(workdir: str, overrides: dict, *flags: str, config: str = TINY_CONFIG) -> list[str]:
   """`python -m tests.run_util` with main.py's flags for `config` plus `overrides`."""
   cmd = [sys.executable, "-m", "tests.run_util", "--my_config", os.path.join(ROOT, config),
          f"--workdir={workdir}"]

@@ -14,9 +14,10 @@ from tests import e2e_util
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path):
+def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path, caplog):
   workdir = str(tmp_path / "run")
-  out = train_continual.train_and_evaluate(e2e_util.tiny_digits_config(), workdir)
+  with caplog.at_level("INFO"):
+    out = train_continual.train_and_evaluate(e2e_util.tiny_digits_config(), workdir)
   matrix = np.asarray(out["accuracy_matrix"])
   assert matrix.shape == (2, 2)
   assert np.isnan(matrix[1, 0]) and not np.isnan(matrix[:, 1]).any()
@@ -41,6 +42,14 @@ def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path):
   assert {v for _, v in tags["task_id"]} == {0.0, 1.0}
   assert {"histogram_0", "histogram_1"} <= e2e_util.all_tags(workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints"))
+  # The log: a short hparams line, one matrix and one progress line per task.
+  log = [r.getMessage() for r in caplog.records]
+  assert [m.split(":")[0] for m in log if m.startswith(("Task 0 trained", "Task 1 trained", "After task"))] == [
+      "Task 0 trained", "After task 0 (accuracy, %; test images per eval set", "Task 1 trained",
+      "After task 1 (accuracy, %; test images per eval set"]
+  assert sum("eval\\task" in m for m in log) == 2
+  hparams = [m for m in log if "Hyperparameters" in m]
+  assert len(hparams) == 1 and len(hparams[0]) < 300 and hparams[0].endswith("config.json."), hparams
 
 
 def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, monkeypatch):
@@ -75,9 +84,8 @@ def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, mo
 def _run_subprocess(workdir, num_devices, per_device_batch, vote_group):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--my_config", os.path.join(ROOT, "configs/digits_l2p.py"),
-         f"--workdir={workdir}", "--my_config.continual.num_tasks=2",
-         "--my_config.continual.num_train_steps_per_task=3", f"--my_config.per_device_batch_size={per_device_batch}",
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--my_config", os.path.join(ROOT, "tests/tiny_digits.py"),
+         f"--workdir={workdir}", "--my_config.continual.num_train_steps_per_task=3", f"--my_config.per_device_batch_size={per_device_batch}",
          f"--my_config.prompt_pool_param.vote_group_size={vote_group}"]
   subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
   with open(os.path.join(workdir, "results.json")) as f:
@@ -110,3 +118,25 @@ def test_prompt_mask_beyond_the_pool_falls_back_to_key_matching(tmp_path, monkey
     train_continual.train_and_evaluate(config, str(tmp_path / "run"))
   assert calls == ["train_step"] * 4 + ["unmasked_train_step"] * 4
   assert any("prompt ids 2..3 are outside pool_size=3" in r.getMessage() for r in caplog.records)
+
+
+class _FakeBenchmark:
+  num_tasks = 3
+
+  def num_train_steps(self, task):
+    return 100
+
+
+def test_progress_line_per_task_measures_speed_without_compilation_and_gives_eta(caplog):
+  progress = train_continual._Progress(_FakeBenchmark())  # pylint: disable=protected-access
+  with caplog.at_level("INFO"):
+    # Task 0 compiles until its first fetch of metrics (step 20, at 10 s); 80 steps in 2 s then.
+    progress.task_trained(0, 100, 12.5, [(10.0, 20), (11.0, 60), (12.0, 100)])
+    progress.task_trained(1, 100, 4.0, [(20.0, 50), (22.0, 100)])  # Counts whole: 25 steps/s.
+    progress.task_trained(2, 100, 4.0, [(30.0, 100)])
+  assert [r.getMessage() for r in caplog.records] == [
+      "Task 0 trained: 100 steps in 12.5 s (40.0 steps/s from step 20 on); 2 of 3 tasks left, "
+      "200 steps, training ETA 5.0 s.",
+      # 180 steps in 6 s so far: 100 steps left take 3.3 s.
+      "Task 1 trained: 100 steps in 4.0 s (25.0 steps/s); 1 of 3 tasks left, 100 steps, training ETA 3.3 s.",
+      "Task 2 trained: 100 steps in 4.0 s (25.0 steps/s)."]
