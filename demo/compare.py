@@ -5,7 +5,8 @@ r"""L2P and DualPrompt against the papers' baselines on the embedded digits benc
 
 Runs each method's digits config (`configs/digits_<method>.py`, all from the shipped
 glyph-pretrained ViT) once per seed (`config.seed`: head, prompts, data order) in
-`<workdir>/<method>/seed<s>` (replacing what a previous comparison left there), then prints
+`<workdir>/<method>/seed<s>` (a finished run of the same config found there is reused, anything
+else there is replaced), then prints
 avg_acc and forgetting as mean +- standard deviation over the seeds and writes the table to
 `<workdir>/table.md` and the numbers to `<workdir>/comparison.json`.
 """
@@ -30,15 +31,30 @@ METHODS = {
 METRICS = ('avg_acc', 'forgetting')
 
 
+def _finished(workdir: str, config) -> dict | None:
+  """The results.json of a finished run of `config` in `workdir`, else None."""
+  try:
+    with open(os.path.join(workdir, 'results.json')) as f:
+      doc = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return doc if doc.get('config') == json.loads(config.to_json_best_effort()) else None
+
+
 def run_one(method: str, seed: int, workdir: str) -> dict[str, float]:
-  """Trains `method` with `seed` from scratch in `workdir`; returns its final metrics (%)."""
+  """Final metrics (%) of `method` with `seed`: a finished run in `workdir`, or a new one there.
+
+  Joint training is one task: its forgetting is NaN.
+  """
   # Imported here: `--help` should not wait for JAX and TensorFlow.
   import train_continual  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(METHODS[method][1]).get_config()
   config.seed = seed
-  shutil.rmtree(workdir, ignore_errors=True)
-  results = train_continual.train_and_evaluate(config, workdir)
-  return {k: float(results[k]) for k in METRICS}
+  results = _finished(workdir, config)
+  if results is None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    results = train_continual.train_and_evaluate(config, workdir)
+  return {k: float(results.get(k, np.nan)) for k in METRICS}
 
 
 def compare(methods, seeds, workdir: str, log=print) -> dict[str, dict[str, list[float]]]:
@@ -52,7 +68,7 @@ def compare(methods, seeds, workdir: str, log=print) -> dict[str, dict[str, list
       for k in METRICS:
         table[method][k].append(metrics[k])
       log(f'{METHODS[method][0]}, seed {seed}: avg_acc {metrics["avg_acc"]:.2f}, '
-          f'forgetting {metrics["forgetting"]:.2f} ({time.time() - start:.0f} s)')
+          f'forgetting {metrics["forgetting"]:.2f} ({time.time() - start:.0f} s)', flush=True)
   return table
 
 
@@ -61,7 +77,8 @@ def format_table(table: dict[str, dict[str, list[float]]], seeds) -> str:
   lines = [f'| method | avg_acc (%) | forgetting (%) |',
            '|---|---|---|']
   for method, values in table.items():
-    cells = [f'{np.mean(values[k]):.2f} +- {np.std(values[k]):.2f}' for k in METRICS]
+    cells = ['-' if np.isnan(values[k]).any() else f'{np.mean(values[k]):.2f} +- {np.std(values[k]):.2f}'
+             for k in METRICS]
     lines.append(f'| {METHODS[method][0]} | ' + ' | '.join(cells) + ' |')
   lines.append(f'\nSeeds {", ".join(str(s) for s in seeds)}; '
                'mean +- standard deviation over the seeds.')
@@ -83,7 +100,7 @@ def main():
   with open(os.path.join(args.workdir, 'table.md'), 'w') as f:
     f.write(text + '\n')
   with open(os.path.join(args.workdir, 'comparison.json'), 'w') as f:
-    json.dump({'seeds': args.seeds, 'results': table}, f, indent=2)
+    json.dump({'seeds': args.seeds, 'results': table}, f, indent=2)  # NaN: no value
   print('\n' + text)
 
 
