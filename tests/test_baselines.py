@@ -59,20 +59,18 @@ def test_baseline_config_is_its_benchmark_without_prompts(benchmark, kind):
 @pytest.mark.parametrize("kind", ("ft_seq", "ft_frozen"))
 def test_only_frozen_fine_tuning_keeps_the_backbone(kind, tmp_path):
   config = importlib.import_module(f"configs.digits_{kind}").get_config()
-  config.continual.num_tasks = 2
-  config.continual.num_train_steps_per_task = 3
+  config.continual.num_tasks = 1
+  config.continual.num_train_steps_per_task = 2
   config.per_device_batch_size = 4
-  config.log_loss_every_steps = 3
-  config.checkpoint_every_steps = 3
-  config.save_last_ckpt_only = False
+  config.log_loss_every_steps = 2
   workdir = str(tmp_path / kind)
   train_continual.train_and_evaluate(config, workdir)
   checkpoints = run_util.read_checkpoints(workdir)
-  first, last = (checkpoints[k][1]["params"] for k in (min(checkpoints), max(checkpoints)))
-  assert min(checkpoints) != max(checkpoints)
+  params = checkpoints[max(checkpoints)][1]["params"]
   with np.load(config.init_checkpoint) as pretrained:
-    kernel = pretrained["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"]
-  for params in (first, last):
-    same = np.array_equal(params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"], kernel)
-    assert same == (kind == "ft_frozen")
-  assert not np.array_equal(first["head"]["kernel"], last["head"]["kernel"])
+    for key in ("Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel", "embedding/kernel"):
+      node = params
+      for part in key.split("/"):
+        node = node[part]
+      assert np.array_equal(node, pretrained[key]) == (kind == "ft_frozen"), key
+  assert np.abs(params["head"]["kernel"]).max() > 0  # trained from its zero start

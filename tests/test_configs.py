@@ -164,6 +164,8 @@ def test_digits_dualprompt_config_trains_and_evaluates(tmp_path):
   config.per_device_batch_size = 4
   config.log_loss_every_steps = 1
   config.shuffle_buffer_size = 16
+  config.model_name = "ViT-test"  # the run checks the method's wiring, not the backbone
+  config.init_checkpoint = None
   workdir = str(tmp_path / "digits_dualprompt")
   out = train_continual.train_and_evaluate(config, workdir)
   matrix = np.asarray(out["accuracy_matrix"])

@@ -69,11 +69,13 @@ def test_variant_table():
   assert vit.VARIANTS['ViT-B_16'] == vit.ViTVariant(
       hidden_size=768, patch_size=16, num_layers=12, num_heads=12,
       mlp_dim=3072)
+  assert vit.get_variant('ViT-demo') == vit.ViTVariant(
+      hidden_size=64, patch_size=4, num_layers=6, num_heads=4, mlp_dim=256)
   assert vit.get_variant('ViT-test') == vit.ViTVariant(
       hidden_size=32, patch_size=8, num_layers=6, num_heads=2, mlp_dim=64)
   assert set(vit.VARIANTS) == {
       'ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_16', 'ViT-B_32', 'ViT-B_8',
-      'ViT-L_16', 'ViT-L_32', 'ViT-H_14', 'ViT-test'}
+      'ViT-L_16', 'ViT-L_32', 'ViT-H_14', 'ViT-demo', 'ViT-test'}
 
 
 def test_unknown_variant_lists_valid_names():
