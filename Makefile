@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# The embedded default: L2P on scikit-learn's digits, a small ViT, CPU, no download.
+# The embedded default: L2P on scikit-learn's digits from the shipped pretrained ViT-demo (CPU, no download).
 demo: install
 	rm -rf $(DEMO_WORKDIR)
 	$(PY) main.py --my_config configs/digits_l2p.py --workdir $(DEMO_WORKDIR)
