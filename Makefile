@@ -21,11 +21,11 @@ demo: install
 
 # The whole suite (about 10 minutes on 2 CPU cores).
 test: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 3 tests
 
 # Skips the tests marked slow (kill/resume, multi-process).
 test-quick: install
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 3 -m "not slow" tests
 
 # Train/eval step throughput on generated data (tiny model on CPU; see README for GPU).
 bench: install

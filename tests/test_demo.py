@@ -89,22 +89,21 @@ def test_comparison_table_is_mean_and_spread_over_seeds():
 
 
 @pytest.mark.slow
-def test_prompts_beat_sequential_fine_tuning_and_stay_below_joint_training(tmp_path):
+def test_prompts_beat_sequential_fine_tuning(tmp_path):
   """The papers' qualitative result on the demo, as `python -m demo.compare` runs it (1 device).
 
-  Margins hold for each of seeds 0, 1, 2 (README's table), with room to spare.
+  The margins hold for each of seeds 0, 1, 2 (README's table). Joint training, the upper bound
+  far above (97.22 +- 0.39), is left out to keep the suite short.
   """
   workdir = str(tmp_path / "compare")
   cmd = [sys.executable, "-m", "demo.compare", "--seeds", "0", "--workdir", workdir,
-         "--methods", "ft_seq", "l2p", "dualprompt", "joint"]
+         "--methods", "ft_seq", "l2p", "dualprompt"]
   done = run_util.run(cmd, run_util.env(1), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   with open(os.path.join(workdir, "comparison.json")) as f:
     results = {m: {k: v[0] for k, v in r.items()} for m, r in json.load(f)["results"].items()}
-  ft_seq, joint = results["ft_seq"], results["joint"]
+  ft_seq = results["ft_seq"]
   for method in ("l2p", "dualprompt"):
     r = results[method]
     assert r["avg_acc"] >= ft_seq["avg_acc"] + 20, (method, results)
     assert r["forgetting"] <= ft_seq["forgetting"] / 2, (method, results)
-    assert joint["avg_acc"] >= r["avg_acc"] + 10, (method, results)
-  assert joint["avg_acc"] >= 90, results
