@@ -90,6 +90,7 @@ def train(args) -> tuple[PromptedViT, dict]:
 
 
 def feature_fn(model: PromptedViT):
+  """Jitted (params, uint8 [B, 8, 8]) -> (logits [B, C], class-token pre-logits [B, 64])."""
   @jax.jit
   def features(params, images):
     logits, aux = model.apply({'params': params}, to_inputs(images))
@@ -98,6 +99,7 @@ def feature_fn(model: PromptedViT):
 
 
 def predict(model, params, images, batch: int = 1024) -> np.ndarray:
+  """Logits [N, C] of uint8 [N, 8, 8] images, `batch` at a time."""
   fn = feature_fn(model)
   return np.concatenate([np.asarray(fn(params, images[i:i + batch])[0])
                          for i in range(0, len(images), batch)])

@@ -56,8 +56,9 @@ def test_baseline_config_is_its_benchmark_without_prompts(benchmark, kind):
     assert value == expected, field
 
 
-@pytest.mark.parametrize("kind", ("ft_seq", "ft_frozen"))
-def test_only_frozen_fine_tuning_keeps_the_backbone(kind, tmp_path):
+def test_frozen_fine_tuning_keeps_the_pretrained_backbone(tmp_path):
+  """(FT-seq's backbone moving is seen by tests/test_demo.py's ordering test: 84% forgetting.)"""
+  kind = "ft_frozen"
   config = importlib.import_module(f"configs.digits_{kind}").get_config()
   config.continual.num_tasks = 1
   config.continual.num_train_steps_per_task = 2
@@ -72,5 +73,5 @@ def test_only_frozen_fine_tuning_keeps_the_backbone(kind, tmp_path):
       node = params
       for part in key.split("/"):
         node = node[part]
-      assert np.array_equal(node, pretrained[key]) == (kind == "ft_frozen"), key
+      assert np.array_equal(node, pretrained[key]), key
   assert np.abs(params["head"]["kernel"]).max() > 0  # trained from its zero start
