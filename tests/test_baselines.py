@@ -57,7 +57,7 @@ def test_baseline_config_is_its_benchmark_without_prompts(benchmark, kind):
 
 
 def test_frozen_fine_tuning_keeps_the_pretrained_backbone(tmp_path):
-  """(FT-seq's backbone moving is seen by tests/test_demo.py's ordering test: 84% forgetting.)"""
+  """Only the head moves; that FT-seq trains every parameter is checked above."""
   kind = "ft_frozen"
   config = importlib.import_module(f"configs.digits_{kind}").get_config()
   config.continual.num_tasks = 1

@@ -89,21 +89,19 @@ def test_comparison_table_is_mean_and_spread_over_seeds():
 
 
 @pytest.mark.slow
-def test_prompts_beat_sequential_fine_tuning(tmp_path):
+def test_l2p_beats_sequential_fine_tuning(tmp_path):
   """The papers' qualitative result on the demo, as `python -m demo.compare` runs it (1 device).
 
-  The margins hold for each of seeds 0, 1, 2 (README's table). Joint training, the upper bound
-  far above (97.22 +- 0.39), is left out to keep the suite short.
+  The margins hold for each of seeds 0, 1, 2 (README's table), for DualPrompt as for L2P; to
+  keep the suite short, only L2P and sequential fine-tuning run here.
   """
   workdir = str(tmp_path / "compare")
   cmd = [sys.executable, "-m", "demo.compare", "--seeds", "0", "--workdir", workdir,
-         "--methods", "ft_seq", "l2p", "dualprompt"]
+         "--methods", "ft_seq", "l2p"]
   done = run_util.run(cmd, run_util.env(1), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   with open(os.path.join(workdir, "comparison.json")) as f:
     results = {m: {k: v[0] for k, v in r.items()} for m, r in json.load(f)["results"].items()}
-  ft_seq = results["ft_seq"]
-  for method in ("l2p", "dualprompt"):
-    r = results[method]
-    assert r["avg_acc"] >= ft_seq["avg_acc"] + 20, (method, results)
-    assert r["forgetting"] <= ft_seq["forgetting"] / 2, (method, results)
+  ft_seq, l2p = results["ft_seq"], results["l2p"]
+  assert l2p["avg_acc"] >= ft_seq["avg_acc"] + 20, results
+  assert l2p["forgetting"] <= ft_seq["forgetting"] / 2, results
