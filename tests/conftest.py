@@ -10,4 +10,3 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests build the same tiny models many times (also in subprocesses): reuse compilations.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "l2p_jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-
