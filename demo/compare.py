@@ -74,7 +74,7 @@ def compare(methods, seeds, workdir: str, log=print) -> dict[str, dict[str, list
 
 def format_table(table: dict[str, dict[str, list[float]]], seeds) -> str:
   """Markdown table: avg_acc and forgetting, mean +- population standard deviation."""
-  lines = [f'| method | avg_acc (%) | forgetting (%) |',
+  lines = ['| method | avg_acc (%) | forgetting (%) |',
            '|---|---|---|']
   for method, values in table.items():
     cells = ['-' if np.isnan(values[k]).any() else f'{np.mean(values[k]):.2f} +- {np.std(values[k]):.2f}'
