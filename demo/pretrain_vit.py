@@ -15,6 +15,7 @@ digits (scikit-learn's logistic regression on the class token).
 import argparse
 import time
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,8 +124,8 @@ def digits_probe(model, params) -> float:
 
 def save_npz(path: str, params) -> None:
   """Writes `params` as the ViT release does: one array per slash-joined Flax path."""
-  flat = {'/'.join(k.key for k in key_path): np.asarray(leaf, np.float32)
-          for key_path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {k: np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(params, sep='/').items()}
   with open(path, 'wb') as f:
     np.savez(f, **flat)
 

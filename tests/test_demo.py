@@ -5,6 +5,7 @@ import os
 import string
 import sys
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
@@ -67,14 +68,7 @@ def test_shipped_checkpoint_is_a_release_npz_of_vit_demo():
 
 def test_shipped_checkpoint_names_unseen_glyphs():
   """The file is pretrained: its own head names fresh renders far above chance (1/72)."""
-  flat = _shipped()
-  params = {}
-  for key, value in flat.items():
-    node = params
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
+  params = traverse_util.unflatten_dict(_shipped(), sep="/")
   images, labels = glyphs.make_dataset(glyphs.draw_glyphs(), 1000, seed=12345)
   model = pretrain_vit.make_model(len(glyphs.CHARACTERS))
   accuracy = np.mean(np.argmax(pretrain_vit.predict(model, params, images), -1) == labels)
