@@ -6,7 +6,6 @@ and `models/`; this module only sequences it. Every check that can fail on bad i
 A non-finite loss or parameter stops the run before it reaches a checkpoint.
 """
 
-import dataclasses
 import functools
 import time
 
@@ -45,16 +44,18 @@ def _initial_params(config, model, query_model, rng):
   return params, {k: params[k] for k in query_keys}
 
 
-def _task_arrays(config, benchmark, task: int, options: steps.StepOptions) -> dict:
-  """Per-task arrays of the train step (replicated once per task)."""
+def _task_arrays(benchmark, task: int, model) -> dict:
+  """Per-task arrays of the train step (replicated once per task): the class mask, the
+  schedule's lengths and the prompt method's arrays."""
   class_mask = np.zeros([benchmark.num_classes], bool)
   class_mask[benchmark.class_masks[task]] = True
-  top_k = config.prompt_pool_param.top_k
+  per_epoch, total = benchmark.steps_per_epoch(task), benchmark.num_train_steps(task)
   return {
       "class_mask": class_mask,
-      "prompt_ids": np.arange(task * top_k, (task + 1) * top_k, dtype=np.int32),
-      "steps_per_epoch": np.float32(benchmark.steps_per_epoch(task)),
-      "num_epochs": np.float32(benchmark.num_train_steps(task) / benchmark.steps_per_epoch(task)),
+      "steps_per_epoch": np.float32(per_epoch),
+      "num_epochs": np.float32(total / per_epoch),
+      "method": {} if model.method is None else model.method.task_arrays(
+          task, num_tasks=benchmark.num_tasks, steps_per_epoch=per_epoch, num_steps=total),
   }
 
 
@@ -83,7 +84,7 @@ class _Runner:
   def __init__(self, config, benchmark, stop: interrupts.StopRequest | None = None):
     self.config, self.benchmark, self.stop = config, benchmark, stop
     global_batch = config.per_device_batch_size * jax.device_count()
-    model = factory.create_model(config, benchmark.num_classes)
+    self.model = model = factory.create_model(config, benchmark.num_classes)
     query_model = factory.create_query_model(config, benchmark.num_classes)
     rng = jax.random.PRNGKey(config.seed + config.trial)
     init_rng, self.dropout_rng = jax.random.split(rng)
@@ -91,18 +92,13 @@ class _Runner:
     self.tx = optim.create_optimizer(config, params)
     self.state = train_state.create(params, self.tx)
     self.query_params = steps.replicate(query_params)
-    self.options = steps.StepOptions.from_config(config, global_batch)
-    # Built once; with `mask_first_epoch` a maskless twin serves the later epochs.
-    step_fn = functools.partial(steps.train_step, model=model, query_model=query_model, tx=self.tx,
-                                preprocess=benchmark.device_preprocess)
-    self.train_step = jax.pmap(functools.partial(step_fn, options=self.options),
-                               axis_name=steps.AXIS, donate_argnums=(0,))
-    self.unmasked_train_step = jax.pmap(
-        functools.partial(step_fn, options=dataclasses.replace(self.options, use_prompt_mask=False)),
+    options = steps.StepOptions.from_config(config, global_batch)
+    self.train_step = jax.pmap(
+        functools.partial(steps.train_step, model=model, query_model=query_model, tx=self.tx, options=options,
+                          preprocess=benchmark.device_preprocess),
         axis_name=steps.AXIS, donate_argnums=(0,))
     self.evaluator = evaluation.Evaluator(
-        benchmark, model, query_model, self.options,
-        cache_query_features=config.cache_eval_query_features, num_eval_steps=config.num_eval_steps,
+        benchmark, model, query_model, cache_query_features=config.cache_eval_query_features, num_eval_steps=config.num_eval_steps,
         task_incremental=config.continual.eval_task_inc)
 
   def open(self, workdir: str) -> dict | None:
@@ -135,8 +131,15 @@ class _Runner:
       task, step = task - 1, self.benchmark.num_train_steps(task - 1)
     return task, step
 
-  def evaluate(self, rstate, eval_sets) -> dict[int, dict]:
-    return {i: self.evaluator.evaluate(rstate.params, self.query_params, i) for i in eval_sets}
+  def evaluate(self, rstate, eval_sets, task: int) -> dict[int, dict]:
+    """Evaluates the replicated state during or after `task` on `eval_sets`."""
+    method_task = _task_arrays(self.benchmark, task, self.model)["method"]
+    return {i: self.evaluator.evaluate(rstate.params, self.query_params, i, method_task) for i in eval_sets}
+
+  @property
+  def histograms(self) -> bool:
+    """Whether evaluations write prompt-id histograms."""
+    return self.config.prompt_histogram and self.model.method is not None and self.model.method.histogram_size > 0
 
   def save(self, rstate, progress) -> None:
     """Checkpoints `rstate` unless it holds a non-finite value (then raises UserError)."""
@@ -161,24 +164,13 @@ class _Runner:
     start, total = progress["task_step"], benchmark.num_train_steps(task)
     if start == 0:
       self.state = train_state.start_task(self.state, self.tx, reinit_optimizer=config.reinit_optimizer)
-      if config.prompt_pool_param.shared_prompt_pool or config.prompt_pool_param.shared_prompt_key:
-        self.state = self.state.replace(params=train_state.transfer_prompt_slots(
-            self.state.params, task, config.prompt_pool_param.top_k,
-            copy_prompt=config.prompt_pool_param.shared_prompt_pool,
-            copy_key=config.prompt_pool_param.shared_prompt_key))
+      if self.model.method is not None:
+        self.state = self.state.replace(params=self.model.method.start_task(
+            self.state.params, task, seed=config.seed + config.trial))
     logging.info("Task %d: steps %d..%d of %d (classes %s).", task, start, total, total,
                  benchmark.class_masks[task].tolist())
     per_epoch = benchmark.steps_per_epoch(task)
-    mask_steps = per_epoch if config.prompt_pool_param.mask_first_epoch else total
-    top_k = config.prompt_pool_param.top_k
-    if self.options.use_prompt_mask and (task + 1) * top_k > self.options.pool_size:
-      # As the original: a task whose prompt ids [t * top_k, (t + 1) * top_k) leave the pool
-      # selects its prompts by key matching instead.
-      logging.warning("Task %d: prompt ids %d..%d are outside pool_size=%d; this task selects its "
-                      "prompts by key matching (no prompt mask).", task, task * top_k,
-                      (task + 1) * top_k - 1, self.options.pool_size)
-      mask_steps = 0
-    task_arrays = steps.replicate(_task_arrays(config, benchmark, task, self.options))
+    task_arrays = steps.replicate(_task_arrays(benchmark, task, self.model))
     dropout_rng = steps.replicate(self.dropout_rng)
     rstate = steps.replicate(self.state)
     batches = steps.device_batches(iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))))
@@ -186,8 +178,7 @@ class _Runner:
     self.synced = []  # Appended by `_log_train`: when the loop waited for the steps anyway.
     first_global_step = int(self.state.step)
     for task_step in range(start, total):
-      step_fn = self.train_step if task_step < mask_steps else self.unmasked_train_step
-      rstate, metrics = step_fn(rstate, next(batches), self.query_params, task_arrays, dropout_rng)
+      rstate, metrics = self.train_step(rstate, next(batches), self.query_params, task_arrays, dropout_rng)
       pending.append(metrics)
       global_step = first_global_step + (task_step - start) + 1
       report(global_step)
@@ -201,11 +192,11 @@ class _Runner:
       periodic_eval = ((config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or
                        (config.eval_per_epochs > 0 and done % (per_epoch * config.eval_per_epochs) == 0))
       if periodic_eval and done < total and not config.eval_last_only:
-        results = self.evaluate(rstate, benchmark.eval_sets_after(task) or [0])
+        results = self.evaluate(rstate, benchmark.eval_sets_after(task) or [0], task)
         for i, r in results.items():
           logging.info("task %d: eval set %d accuracy %.2f%% (%d images)", task, i, r["accuracy"], r["count"])
         self.writer.write_scalars(global_step, reporting.eval_scalars(results))
-        if config.prompt_histogram and self.options.pool_size > 0:
+        if self.histograms:
           reporting.write_histograms(self.writer, global_step, results)
       stopping = self.stop_signal() is not None
       if stopping and not checkpoint and pending:
@@ -286,11 +277,11 @@ def _train_tasks(config, benchmark, runner: _Runner, progress: dict) -> np.ndarr
     eval_sets = [] if (config.eval_last_only and task < benchmark.num_tasks - 1) else benchmark.eval_sets_after(task)
     if eval_sets:
       rstate = steps.replicate(runner.state)
-      results = runner.evaluate(rstate, eval_sets)
+      results = runner.evaluate(rstate, eval_sets, task)
       for i, r in results.items():
         matrix[i, task] = r["accuracy"]
       final = reporting.write_evaluation(runner.writer, int(runner.state.step), task, matrix, results,
-                                         histogram=config.prompt_histogram and runner.options.pool_size > 0)
+                                         histogram=runner.histograms)
       logging.info("After task %d (accuracy, %%; test images per eval set: %s):\n%s\n%s", task,
                    {i: r["count"] for i, r in results.items()}, reporting.format_matrix(matrix),
                    {k: round(v, 2) for k, v in final.items()})

@@ -18,18 +18,16 @@ class Evaluator:
   later evaluation costs one prompted forward pass per image.
   """
 
-  def __init__(self, benchmark, model, query_model, options: steps.StepOptions, *,
-               cache_query_features: bool, num_eval_steps: int, task_incremental: bool):
+  def __init__(self, benchmark, model, query_model, *, cache_query_features: bool, num_eval_steps: int,
+               task_incremental: bool):
     self._benchmark = benchmark
-    self._options = options
-    self._cache = {} if (cache_query_features and options.needs_query) else None
+    self._cache = {} if (cache_query_features and model.needs_query) else None
     self._num_eval_steps = num_eval_steps
     self._task_incremental = task_incremental
     preprocess = benchmark.device_preprocess
     self._eval_step = jax.pmap(
-        functools.partial(steps.eval_step, model=model, query_model=query_model, options=options,
-                          preprocess=preprocess),
-        axis_name=steps.AXIS, in_axes=(0, 0, 0, None))
+        functools.partial(steps.eval_step, model=model, query_model=query_model, preprocess=preprocess),
+        axis_name=steps.AXIS, in_axes=(0, 0, 0, None, None))
     self._query_step = jax.pmap(
         functools.partial(steps.query_step, query_model=query_model, preprocess=preprocess),
         axis_name=steps.AXIS)
@@ -47,13 +45,14 @@ class Evaluator:
       mask[self._benchmark.eval_set_classes(eval_set)] = True
     return mask
 
-  def evaluate(self, params: Any, query_params: Any, eval_set: int) -> dict[str, Any]:
+  def evaluate(self, params: Any, query_params: Any, eval_set: int, method_task: dict[str, Any]) -> dict[str, Any]:
     """Accuracy (%), mean loss and prompt-id counts of `eval_set`.
 
     Args:
       params: replicated model parameters.
       query_params: replicated query ViT parameters.
       eval_set: index into the benchmark's eval sets.
+      method_task: host arrays of the prompt method for the task trained last (`task_arrays`).
 
     Returns:
       {'accuracy': float, 'loss': float, 'count': int, 'prompt_counts': [pool] int or None}.
@@ -69,7 +68,7 @@ class Evaluator:
           batch["cls_features"] = features[-1]
         else:
           batch["cls_features"] = cached[i]
-      totals.append(self._eval_step(params, query_params, batch, class_mask))
+      totals.append(self._eval_step(params, query_params, batch, class_mask, method_task))
     if self._cache is not None and cached is None:
       self._cache[eval_set] = features
     summed = jax.tree.map(lambda *xs: np.sum([np.asarray(x[0]) for x in xs], axis=0), *totals)

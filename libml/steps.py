@@ -23,11 +23,9 @@ GRAD_CLIP_MODES = ("full", "trainable")
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-  """Hashable settings of the steps.
+  """Hashable settings of the train step (the prompt method's are the model's).
 
   Attributes:
-    needs_query: run the frozen query ViT to get the prompt-matching query.
-    pull_coeff: weight of the surrogate loss (0 disables it).
     train_mask: -inf logits for classes outside the current task during training.
     clip_mode: one of GRAD_CLIP_MODES: 'full' (gradients of every parameter) or 'trainable'.
     freeze_part: substrings naming frozen parameters.
@@ -36,11 +34,7 @@ class StepOptions:
     schedule: learning-rate schedule name.
     warmup_epochs: warm-up length in epochs.
     l2_coeff: weight of the loss term sum of squared weights (rank >= 2), see optim.l2_loss_coeff.
-    pool_size: E-Prompt pool size (0 without a pool).
-    use_prompt_mask: force the task's prompt ids during training.
   """
-  needs_query: bool
-  pull_coeff: float
   train_mask: bool
   clip_mode: str
   freeze_part: tuple[str, ...]
@@ -49,16 +43,11 @@ class StepOptions:
   schedule: str
   warmup_epochs: float
   l2_coeff: float
-  pool_size: int
-  use_prompt_mask: bool
 
   @classmethod
   def from_config(cls, config, global_batch: int, clip_mode: str | None = None) -> "StepOptions":
     """The options `config` asks for at `global_batch` images per step."""
-    pool = config.use_e_prompt and config.prompt_pool
     return cls(
-        needs_query=bool(pool and config.prompt_pool_param.embedding_key == "cls"),
-        pull_coeff=float(config.pull_constraint_coeff) if (pool and config.pull_constraint) else 0.0,
         train_mask=bool(config.continual.train_mask),
         clip_mode=clip_mode or config.grad_clip_mode,
         freeze_part=tuple(config.freeze_part),
@@ -66,9 +55,7 @@ class StepOptions:
         min_lr=float(config.min_learning_rate) * global_batch / 256,
         schedule=config.learning_rate_schedule,
         warmup_epochs=float(config.warmup_epochs),
-        l2_coeff=optim.l2_loss_coeff(config),
-        pool_size=int(config.prompt_pool_param.pool_size) if pool else 0,
-        use_prompt_mask=bool(pool and config.prompt_pool_param.use_prompt_mask))
+        l2_coeff=optim.l2_loss_coeff(config))
 
 
 def replicate(tree):
@@ -117,20 +104,20 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
     batch: {'image': [B, H, W, 3] float32, 'label': [B] int32}; with `preprocess`, the
       stored images and crops that `DevicePreprocess.train_images` takes.
     query_params: parameters of the frozen query ViT (unused without a query).
-    task: {'class_mask': [num_classes] bool, 'prompt_ids': [top_k] int32,
-      'steps_per_epoch': float32, 'num_epochs': float32} for the current task.
+    task: {'class_mask': [num_classes] bool, 'steps_per_epoch': float32, 'num_epochs':
+      float32, 'method': the prompt method's arrays (`PromptMethod.task_arrays`)} for the
+      current task.
     rng: PRNG key shared by all devices; folded with the step and device index.
 
   Returns:
     (new_state, metrics) with metrics averaged over devices: loss, train_accuracy,
-    learning_rate, l2_grads (global norm of the gradients that clipping sees), reduce_sim.
+    learning_rate, l2_grads (global norm of the gradients that clipping sees) and the scalars
+    of the model's aux but 'prompt_loss' (e.g. the prompt pool's reduce_sim).
   """
   images, labels = device_preprocess.train_images(batch, preprocess), batch["label"]
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
-  cls_features = query_features(query_model, query_params, images) if options.needs_query else None
-  prompt_mask = None
-  if options.use_prompt_mask:
-    prompt_mask = jnp.broadcast_to(task["prompt_ids"], (labels.shape[0],) + task["prompt_ids"].shape)
+  cls_features = query_features(query_model, query_params, images) if model.needs_query else None
+  method_task = {**task["method"], "task_step": state.task_step}
 
   # 'full' differentiates every parameter (the original); 'trainable' only the trainable
   # ones, so no frozen weight gradient is computed and zeros stand in for them.
@@ -142,18 +129,18 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
 
   def loss_fn(wrt):
     logits, aux = model.apply({"params": to_params(wrt)}, images, cls_features=cls_features,
-                              prompt_mask=prompt_mask, train=True, rngs={"dropout": rng})
+                              task=method_task, train=True, rngs={"dropout": rng})
     if options.train_mask:
       logits = jnp.where(task["class_mask"], logits, -jnp.inf)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    reduce_sim = aux.get("reduce_sim", jnp.zeros(()))
     if options.l2_coeff:
       loss = loss + options.l2_coeff * optim.l2_loss(to_params(wrt))
-    if options.pull_coeff:
-      loss = loss - options.pull_coeff * reduce_sim
-    return loss, (logits, reduce_sim)
+    if "prompt_loss" in aux:  # The method's auxiliary loss, e.g. L2P's pull constraint.
+      loss = loss + aux["prompt_loss"]
+    scalars = {k: v for k, v in aux.items() if k != "prompt_loss" and jnp.ndim(v) == 0}
+    return loss, (logits, scalars)
 
-  (loss, (logits, reduce_sim)), grads = jax.value_and_grad(loss_fn, has_aux=True)(wrt)
+  (loss, (logits, scalars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(wrt)
   if options.clip_mode != "full":
     grads = _merge(grads, {k: jnp.zeros_like(v) for k, v in frozen.items()})
   grads = jax.lax.pmean(grads, AXIS)
@@ -170,12 +157,12 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
       "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
       "learning_rate": lr,
       "l2_grads": optax.global_norm(grads),
-      "reduce_sim": reduce_sim,
+      **scalars,
   }
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def eval_step(params, query_params, batch, class_mask, *, model, query_model, options: StepOptions,
+def eval_step(params, query_params, batch, class_mask, method_task, *, model, query_model,
               preprocess: device_preprocess.DevicePreprocess | None = None):
   """Counts on one device's shard of an eval batch, summed over devices.
 
@@ -187,15 +174,18 @@ def eval_step(params, query_params, batch, class_mask, *, model, query_model, op
       the stored images.
     class_mask: [num_classes] bool; logits outside it are -inf (task-incremental
       evaluation), all True otherwise.
+    method_task: the prompt method's arrays of the task trained last (`task_arrays`).
 
   Returns:
-    {'correct', 'count', 'loss_sum': scalars, 'prompt_counts': [pool_size] int32}.
+    {'correct', 'count', 'loss_sum': scalars, 'prompt_counts': [histogram_size] int32 when the
+    method selects discrete prompts}.
   """
   images, labels, valid = device_preprocess.eval_images(batch, preprocess), batch["label"], batch["mask"]
   cls_features = batch.get("cls_features")
-  if cls_features is None and options.needs_query:
+  if cls_features is None and model.needs_query:
     cls_features = query_features(query_model, query_params, images)
-  logits, aux = model.apply({"params": params}, images, cls_features=cls_features, vote_mask=valid, train=False)
+  logits, aux = model.apply({"params": params}, images, cls_features=cls_features, task=method_task,
+                            vote_mask=valid, train=False)
   logits = jnp.where(class_mask, logits, -jnp.inf)
   weights = valid.astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -204,8 +194,9 @@ def eval_step(params, query_params, batch, class_mask, *, model, query_model, op
       "count": jnp.sum(weights),
       "loss_sum": jnp.sum(jnp.where(valid, losses, 0.0)),
   }
-  if options.pool_size and "prompt_idx" in aux:
-    one_hot = jax.nn.one_hot(aux["prompt_idx"], options.pool_size, dtype=jnp.int32)
+  size = model.method.histogram_size if model.method is not None else 0
+  if size and "prompt_idx" in aux:
+    one_hot = jax.nn.one_hot(aux["prompt_idx"], size, dtype=jnp.int32)
     out["prompt_counts"] = jnp.sum(one_hot * valid[:, None, None].astype(jnp.int32), axis=(0, 1))
   return jax.lax.psum(out, AXIS)
 

@@ -36,29 +36,6 @@ def start_task(state: TrainState, tx: optax.GradientTransformation, *, reinit_op
   return state.replace(task_step=jnp.zeros((), jnp.int32), opt_state=opt_state)
 
 
-def transfer_prompt_slots(params: Any, task: int, top_k: int, *, copy_prompt: bool, copy_key: bool) -> Any:
-  """DualPrompt's shared pool: task t's prompt slots start from task t - 1's.
-
-  Slots of task t are pool indices [t * top_k, (t + 1) * top_k) on axis 0 of
-  `e_prompt/prompt` and `e_prompt/key`.
-
-  Args:
-    params: parameter tree holding `e_prompt`.
-    task: the task about to start (> 0).
-    top_k: prompts per task.
-    copy_prompt: copy the prompts (`shared_prompt_pool`).
-    copy_key: copy the keys (`shared_prompt_key`).
-  """
-  if task <= 0 or "e_prompt" not in params:
-    return params
-  new, old = slice(task * top_k, (task + 1) * top_k), slice((task - 1) * top_k, task * top_k)
-  e_prompt = dict(params["e_prompt"])
-  for name, enabled in (("prompt", copy_prompt), ("key", copy_key)):
-    if enabled and name in e_prompt and new.stop <= e_prompt[name].shape[0]:
-      e_prompt[name] = jnp.asarray(e_prompt[name]).at[new].set(jnp.asarray(e_prompt[name])[old])
-  return {**params, "e_prompt": e_prompt}
-
-
 def host_copy(tree: Any) -> Any:
   """A numpy copy of a (device) pytree."""
   return jax.tree.map(np.asarray, jax.device_get(tree))

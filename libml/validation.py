@@ -49,35 +49,24 @@ _FIX = "pass --restart to move that run aside and start over, or choose another 
 _MESSAGE_BYTES = 2048
 
 
-# --- The config. ----------------------------------------------------------------------------
+# --- The config. ---------------------------------------------------------------------------
+# One function per concern; the modules that read these fields assume they passed.
 
-def _positive_int(config, key: str) -> None:
-  value = config.get(key)
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise UserError(f"{key}={value!r} must be a positive integer.")
-
-
-def _check_vote_groups(config) -> None:
-  """Vote groups must tile each device's batch, as the per-device vote of the original did."""
-  pool = config.get("prompt_pool_param")
-  if not (config.get("use_e_prompt", False) and config.get("prompt_pool", True) and pool):
-    return
-  group = pool.get("vote_group_size", -1)
-  if isinstance(group, int) and group > 0 and config.per_device_batch_size % group:
-    raise UserError(f"prompt_pool_param.vote_group_size={group} does not divide per_device_batch_size="
-                    f"{config.per_device_batch_size}: the vote groups must tile each device's batch; "
-                    "choose a divisor, or -1 for one group per device.")
+# Counts that must be at least 1.
+_POSITIVE_INTS = ("per_device_batch_size", "input_size", "num_epochs", "log_loss_every_steps",
+                  "checkpoint_every_steps")
 
 
-def check_config(config) -> None:
-  """Raises UserError for a config that cannot run; reads no data and writes nothing.
+def _check_positive_ints(config) -> None:
+  """Batch, sizes, epochs and cadences: whole numbers of at least 1."""
+  for key in _POSITIVE_INTS:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f"{key}={value!r} must be a positive integer.")
 
-  Covers the batch and cadence settings, the optimizer and schedule names, the benchmark
-  and task count, the model (model_name, top_k <= pool_size, prompt layers within the
-  depth, ...) and the warm-up length.
-  """
-  for key in ("per_device_batch_size", "log_loss_every_steps", "checkpoint_every_steps"):
-    _positive_int(config, key)
+
+def _check_optimization(config) -> None:
+  """The optimizer, clipping mode, learning rate, its schedule and warm-up."""
   if config.optim not in optim.OPTIMIZERS:
     raise UserError(f"Unknown optim {config.optim!r}: use one of {', '.join(optim.OPTIMIZERS)}.")
   if config.grad_clip_mode not in steps.GRAD_CLIP_MODES:
@@ -91,11 +80,65 @@ def check_config(config) -> None:
     raise UserError(f"learning_rate={config.learning_rate} must be a positive, finite number.")
   if not 0 <= config.warmup_epochs < config.num_epochs:
     raise UserError(f"warmup_epochs={config.warmup_epochs} must be in [0, num_epochs={config.num_epochs}).")
-  _check_vote_groups(config)
+
+
+def check_data(config) -> benchmarks.Layout:
+  """Raises UserError for data settings that cannot run; reads no data.
+
+  Covers the benchmark name and task counts (`benchmarks.layout`), the crop sizes, the
+  subsample rate and the decoded-image budgets. Assumes `_check_positive_ints` passed.
+
+  Returns:
+    The benchmark's layout.
+  """
   layout = benchmarks.layout(config)
-  # Building the models runs their own checks (model_name, top_k, layer indices, ...).
-  factory.create_model(config, layout.num_classes)
-  factory.create_query_model(config, layout.num_classes)
+  if layout.augment and config.resize_size < config.input_size:
+    raise UserError(f"resize_size={config.resize_size} is smaller than input_size={config.input_size}: "
+                    "the crop needs room")
+  if config.subsample_rate != -1 and not 0 < config.subsample_rate <= 1:
+    raise UserError(f"subsample_rate={config.subsample_rate} must be -1 (all) or in (0, 1]")
+  for key, images in (("decoded_cache_mb", "test images at every evaluation"),
+                      ("decoded_train_mb", "training images at every use")):
+    if config[key] < 0:
+      raise UserError(f"{key}={config[key]} must be >= 0 (0 decodes the {images})")
+  return layout
+
+
+def _check_vote_groups(config) -> None:
+  """Vote groups must tile each device's batch, as the per-device vote of the original did."""
+  if not (config.use_e_prompt and config.prompt_pool):
+    return
+  group = config.prompt_pool_param.vote_group_size
+  if group > 0 and config.per_device_batch_size % group:
+    raise UserError(f"prompt_pool_param.vote_group_size={group} does not divide per_device_batch_size="
+                    f"{config.per_device_batch_size}: the vote groups must tile each device's batch; "
+                    "choose a divisor, or -1 for one group per device.")
+
+
+def _check_models(config, num_classes: int) -> None:
+  """Builds the models, which run their own checks (model_name, top_k, prompt layers, ...).
+
+  They raise ValueError (plain Python inside models/); here it becomes the one-line UserError.
+  """
+  try:
+    factory.create_model(config, num_classes)
+    factory.create_query_model(config, num_classes)
+  except ValueError as e:
+    raise UserError(" ".join(str(e).split())) from e
+
+
+def check_config(config) -> None:
+  """Raises UserError for a config that cannot run; reads no data and writes nothing.
+
+  Covers the batch, size and cadence counts, the optimisation settings (optimizer, clipping
+  mode, schedule, learning rate, warm-up), the data settings (`check_data`), the prompt-vote
+  groups and the model (model_name, top_k <= pool_size, prompt layers within the depth, ...).
+  """
+  _check_positive_ints(config)
+  _check_optimization(config)
+  layout = check_data(config)
+  _check_vote_groups(config)
+  _check_models(config, layout.num_classes)
 
 
 # --- The workdir. ---------------------------------------------------------------------------

@@ -108,9 +108,6 @@ class PrefixAttention(nn.Module):
     Returns:
       [B, T, D] in `dtype`.
     """
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, '
-                       f'got {self.attention_impl!r}')
     if (prefix_k is None) != (prefix_v is None):
       raise ValueError('prefix_k and prefix_v must be given together')
     width = x.shape[-1]

@@ -181,7 +181,8 @@ class PromptPool(nn.Module):
                cls_features: Optional[Array] = None,
                prompt_mask: Optional[Array] = None,
                vote_mask: Optional[Array] = None,
-               train: bool = False) -> PromptSelection:
+               train: bool = False,
+               force: Optional[Array] = None) -> PromptSelection:
     """Selects prompts.
 
     Args:
@@ -190,6 +191,7 @@ class PromptPool(nn.Module):
       prompt_mask: [B, top_k] ids that replace the selection when train.
       vote_mask: [B] bool, which images vote (see `majority_vote`).
       train: training mode.
+      force: scalar bool: whether `prompt_mask` replaces the selection; None: it does.
 
     Returns:
       A PromptSelection.
@@ -212,7 +214,7 @@ class PromptPool(nn.Module):
     if self.batchwise_prompt and (train or self.batchwise_prompt_at_test):
       idx = majority_vote(idx, vote_mask, self.pool_size, self.vote_group_size)
     if train and prompt_mask is not None:
-      idx = prompt_mask
+      idx = prompt_mask if force is None else jnp.where(force, prompt_mask, idx)
     idx = idx.astype(jnp.int32)
     chosen_sim = jnp.take_along_axis(similarity, idx, axis=1)
     reduce_sim = chosen_sim.sum() / x_embed.shape[0]

@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from libml.errors import UserError
 from models import attention
 
 Array = jax.Array
@@ -55,10 +54,10 @@ VARIANTS: dict[str, ViTVariant] = {
 
 
 def get_variant(name: str) -> ViTVariant:
-  """Returns the dimensions of the named ViT, or raises UserError."""
+  """Returns the dimensions of the named ViT, or raises ValueError."""
   if name not in VARIANTS:
-    raise UserError(f'Unknown model_name {name!r}; valid names: '
-                    f'{", ".join(VARIANTS)}.')
+    raise ValueError(f'Unknown model_name {name!r}; valid names: '
+                     f'{", ".join(VARIANTS)}.')
   return VARIANTS[name]
 
 
