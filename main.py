@@ -12,6 +12,7 @@ All logic lives in importable, tested modules (`train_continual`, `libml`, `mode
 """
 
 import os
+import re
 import sys
 import traceback
 
@@ -48,14 +49,25 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+# ml_collections' message for a field that a locked ConfigDict does not have.
+_NOT_A_FIELD = re.compile(r'Key "([^"]+)" does not exist and cannot be added since the config is locked')
+
+
 def _config_path(argv) -> str | None:
-  """The value of --my_config in `argv`, if given."""
+  """The config file that --my_config in `argv` names (without its `:arg`), if given."""
   for i, arg in enumerate(argv):
     if arg.startswith("--my_config="):
-      return arg.split("=", 1)[1]
+      return arg.split("=", 1)[1].split(":", 1)[0]
     if arg == "--my_config" and i + 1 < len(argv):
-      return argv[i + 1]
+      return argv[i + 1].split(":", 1)[0]
   return None
+
+
+def _chain(e: BaseException | None):
+  """`e`, then the exceptions it was raised from or while handling (config_flags wraps some)."""
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__
 
 
 def _config_file_error(e: BaseException, path: str | None) -> str | None:
@@ -65,10 +77,16 @@ def _config_file_error(e: BaseException, path: str | None) -> str | None:
   real = os.path.realpath(path)
   if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == real:
     return f"Config file {path}, line {e.lineno}: SyntaxError: {e.msg}."
-  line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
-               if os.path.realpath(frame.filename) == real), None)
-  if line is not None:
-    return f"Config file {path}, line {line}: {type(e).__name__}: {' '.join(str(e).split())}."
+  for cause in _chain(e):
+    line = next((frame.lineno for frame in reversed(traceback.extract_tb(cause.__traceback__))
+                 if os.path.realpath(frame.filename) == real), None)
+    if line is None:
+      continue
+    where, text = f"Config file {path}, line {line}", " ".join(str(cause).split()).rstrip(".")
+    field = _NOT_A_FIELD.search(text)
+    if field:  # The base config is locked: a misspelt field name.
+      return f"{where}: {field.group(1)!r} is not a config field (configs/common.py defines them all); check the spelling."
+    return f"{where}: {type(cause).__name__}: {text}."
   if isinstance(e, AttributeError) and "get_config" in str(e):
     return f"Config file {path} defines no get_config(); a config file returns its ConfigDict from get_config()."
   return None
@@ -138,7 +156,8 @@ def main(argv):
     _fail("Both --my_config=configs/<name>.py and --workdir=<dir> are required.")
   try:
     config = FLAGS.my_config
-    config.get("model_name")  # A config file that failed to load raises here.
+    # A config file that failed to load raises at the first use of its config.
+    config.model_name  # pylint: disable=pointless-statement
   except Exception as e:  # pylint: disable=broad-except
     _fail(f"Cannot load config file {flags.FLAGS['my_config'].config_filename}: {' '.join(str(e).split())}")
   import jax  # pylint: disable=g-import-not-at-top

@@ -41,13 +41,18 @@ Convention:
 import dataclasses
 from typing import Optional, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from libml import steps
+
 # Names of the matrix-product weights, as in the parameter tree.
 EMBEDDING = "embedding/kernel"
 HEAD = "head/kernel"
 # Parameters that act before block 0: differentiating any of them needs every block's backward.
 INPUT_PARAMS = (EMBEDDING, "cls", "Transformer/posembed_input/pos_embedding")
 BLOCK = "Transformer/encoderblock_{}/"
-CLIP_MODES = ("full", "trainable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +74,34 @@ class PromptLayout:
     return blocks[0] if blocks else None
 
 
+class _MethodHost(nn.Module):
+  """Runs a prompt method's `prompts` inside a compact call, as the model does."""
+  method: object
+  dims: object
+
+  @nn.compact
+  def __call__(self, x_embed, cls_features, task):
+    return self.method.prompts(x_embed, cls_features, task, None, False, self.dims)
+
+
 def prompt_layout(model) -> PromptLayout:
   """Per-block prompt lengths of a `models.prompted_vit.PromptedViT`.
 
-  The G-Prompt adds `g_prompt_length` tokens to each of its blocks; the E-Prompt
-  pool adds `top_k * prompt_length` tokens (the chosen prompts, concatenated) to
-  each of its blocks; prefix or prompt-tuning as the model says.
+  Read from the shapes of what the model's prompt method hands each block (traced, nothing
+  computed): its prompt tokens [B, P, D] and key/value prefixes [B, 2, P, H, hd].
   """
   tokens = [0] * model.num_layers
   prefix = [0] * model.num_layers
-  if model.use_g_prompt:
-    for layer in model.g_prompt_layers:
-      (prefix if model.g_prompt_prefix else tokens)[layer] += model.g_prompt_length
-  if model.use_e_prompt:
-    for layer in model.e_prompt_layers:
-      (prefix if model.e_prompt_prefix else tokens)[layer] += model.top_k * model.prompt_length
+  if model.method is not None:
+    width = model.hidden_size
+    task = model.method.task_arrays(0, num_tasks=1, steps_per_epoch=1, num_steps=1)
+    host = _MethodHost(model.method, model.dims)
+    shapes, _ = jax.eval_shape(
+        lambda: host.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 1, width)), jnp.zeros((1, width)),
+                                      task))
+    for i, (t, p) in enumerate(zip(shapes.tokens, shapes.prefixes)):
+      tokens[i] = t.shape[1] if t is not None else 0
+      prefix[i] = p.shape[2] if p is not None else 0
   return PromptLayout(tokens=tuple(tokens), prefix=tuple(prefix))
 
 
@@ -194,8 +212,8 @@ def step_flops(model, input_size: int, *, query_model=None, clip_mode: str,
     clip_mode: 'full' or 'trainable', as `libml.steps.StepOptions.clip_mode`.
     freeze_part: substrings of frozen parameter paths (config.freeze_part).
   """
-  if clip_mode not in CLIP_MODES:
-    raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+  if clip_mode not in steps.GRAD_CLIP_MODES:
+    raise ValueError(f"clip_mode must be one of {steps.GRAD_CLIP_MODES}, got {clip_mode!r}")
   fwd = forward_flops(model, input_size)
   query = forward_flops(query_model, input_size, head=False).total if query_model is not None else 0
   full = clip_mode == "full"

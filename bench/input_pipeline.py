@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from configs import cifar100_l2p
 from libml import input_pipeline
 
 _DISTINCT_IMAGES = 512
@@ -46,16 +47,13 @@ def _fake_cifar100(num_examples: int):
 
 
 def _config(args) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      'dataset': 'cifar100', 'data_dir': None,
-      'per_device_batch_size': args.per_device_batch_size,
-      'input_size': args.input_size, 'resize_size': args.resize_size,
-      'norm_01': True, 'num_epochs': 5,
-      'preprocess_on_device': args.on_device, 'shuffle_buffer_size': 10000,
-      'seed': 0, 'continual': {'num_tasks': 10, 'num_classes_per_task': 10,
-                               'rand_seed': -1,
-                               'num_train_steps_per_task': -1},
-  })
+  """configs/cifar100_l2p.py with the sizes of the command line."""
+  config = cifar100_l2p.get_config()
+  config.per_device_batch_size = args.per_device_batch_size
+  config.input_size, config.resize_size = args.input_size, args.resize_size
+  config.preprocess_on_device = args.on_device
+  config.seed = 0
+  return config
 
 
 def main():

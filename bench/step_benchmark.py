@@ -179,10 +179,11 @@ class Bench:
       self.batch = generated_batch(data_rng, per_device, config.input_size, task_classes)
     # Test batches carry no crop window or flip: the central crop, as the configs evaluate.
     self.eval_batch = {k: v for k, v in self.batch.items() if k not in ("crop", "flip")}
-    top_k, pool = config.prompt_pool_param.top_k, config.prompt_pool_param.pool_size
+    method = self.model.method
+    self.method_task = {} if method is None else method.task_arrays(
+        0, num_tasks=1, steps_per_epoch=warmup + num_steps, num_steps=warmup + num_steps)
     self.task = steps.replicate({
-        "class_mask": np.arange(num_classes) < task_classes,
-        "prompt_ids": np.arange(top_k, dtype=np.int32) % pool,
+        "class_mask": np.arange(num_classes) < task_classes, "method": self.method_task,
         "steps_per_epoch": np.float32(warmup + num_steps), "num_epochs": np.float32(1)})
 
   def options(self, clip_mode: str) -> steps.StepOptions:
@@ -215,16 +216,16 @@ class Bench:
     'cached_query' batches carry the query features (computed once here), so the step
     runs the prompted pass only; 'with_query' batches do not, so it runs both passes.
     """
-    options = self.options("full")
     evaluate = jax.pmap(functools.partial(steps.eval_step, model=self.model, query_model=self.query_model,
-                                          options=options, preprocess=self.preprocess), axis_name=steps.AXIS)
+                                          preprocess=self.preprocess), axis_name=steps.AXIS,
+                        in_axes=(0, 0, 0, 0, None))
     query = jax.pmap(functools.partial(steps.query_step, query_model=self.query_model, preprocess=self.preprocess),
                      axis_name=steps.AXIS)
     class_mask = steps.replicate(np.ones([self.model.num_classes], bool))
     cached = {**self.eval_batch, "cls_features": query(self.query_params, self.eval_batch)}
     out = {}
     for name, batch in (("cached_query", cached), ("with_query", self.eval_batch)):
-      step = lambda _, b=batch: evaluate(params, self.query_params, b, class_mask)
+      step = lambda _, b=batch: evaluate(params, self.query_params, b, class_mask, self.method_task)
       out[name], _ = time_steps(step, None, self.warmup, self.num_steps)
     return out
 
@@ -242,8 +243,7 @@ def run(config_name: str) -> dict:
     raise UserError(f"--source_size {_SOURCE_SIZE.value} must be 0 (no on-device preprocessing) or positive.")
   bench = Bench(config, global_batch, _NUM_CLASSES.value, warmup=_WARMUP.value, num_steps=_STEPS.value,
                 source_size=_SOURCE_SIZE.value)
-  options = bench.options("full")
-  query_model = bench.query_model if options.needs_query else None
+  query_model = bench.query_model if bench.model.needs_query else None
   count = lambda mode: flops.step_flops(bench.model, config.input_size, query_model=query_model,
                                         clip_mode=mode, freeze_part=config.freeze_part)
   modes = ["trainable", "full"] if _CLIP_MODE.value == "both" else [_CLIP_MODE.value]

@@ -17,12 +17,9 @@ DIGITS_FINETUNE_LEARNING_RATE = 4e-3
 
 
 def set_no_prompts(config):
-  """A plain ViT: no G-Prompt, no E-Prompt pool, the class token classifies."""
-  config.use_g_prompt = False
-  config.use_e_prompt = False
-  config.prompt_pool = False
+  """A plain ViT: no prompts, the class token classifies."""
+  config.method = "none"
   config.vit_classifier = "token"
-  config.pull_constraint = False
   config.prompt_histogram = False
   return config
 

@@ -11,6 +11,7 @@ from configs import common
 
 def set_dualprompt(config):
   """Switches the L2P base to DualPrompt's G-Prompt + E-Prompt layout."""
+  config.method = "dualprompt"
   config.per_device_batch_size = 24
   config.vit_classifier = "token"
   config.use_g_prompt = True
@@ -27,5 +28,5 @@ def set_dualprompt(config):
   return config
 
 
-def get_config():
-  return set_dualprompt(common.get_base_config())
+def get_config(arg=None):
+  return common.with_arg(set_dualprompt(common.get_base_config()), arg)

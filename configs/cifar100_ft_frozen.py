@@ -10,5 +10,5 @@ from configs import baselines
 from configs import cifar100_l2p
 
 
-def get_config():
-  return baselines.set_ft_frozen(cifar100_l2p.get_config())
+def get_config(arg=None):
+  return baselines.set_ft_frozen(cifar100_l2p.get_config(arg))

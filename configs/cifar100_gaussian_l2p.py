@@ -14,7 +14,7 @@ positive value s gives epochs of s steps and narrower sets (s = 5: about 12 clas
 from configs import common
 
 
-def get_config():
+def get_config(arg=None):
   config = common.get_base_config()
   config.gaussian_schedule = True
   config.continual.num_tasks = 200
@@ -22,4 +22,10 @@ def get_config():
   config.reinit_optimizer = False
   config.eval_per_epochs = 100
   config.prompt_histogram = False
+  config = common.with_arg(config, arg)
+  if arg == "tiny":
+    # The 100 class peaks lie whole steps apart: 2 episodes need a stream of >= 100 steps.
+    # One epoch of 50 steps each.
+    config.continual.num_train_steps_per_task = 50
+    config.num_epochs = 1
   return config

@@ -9,5 +9,5 @@ Published: 83.83 average accuracy, 7.63 forgetting.
 from configs import common
 
 
-def get_config():
-  return common.get_base_config()
+def get_config(arg=None):
+  return common.with_arg(common.get_base_config(), arg)

@@ -2,15 +2,27 @@
 
 Each config file imports `get_base_config()` and overrides the fields that differ, so a
 difference between two methods or benchmarks is visible in a few lines. Every field below is
-read by the code; the comment above each says what it does.
+read by the code; the comment above each says what it does. The code reads `config.field`
+with no default of its own: this file is the one source of defaults.
+
+The base config is locked: a config file (or a test) that sets a field this file does not
+define, e.g. a misspelt `config.leraning_rate`, raises instead of adding a field no code reads.
+
+Every config file's `get_config(arg=None)` takes one of `ARGS` (on the command line, after a
+colon: `--my_config configs/digits_l2p.py:tiny`):
+  tiny: the same run shrunk for tests and quick checks (`set_tiny`).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 
+# The values `get_config(arg)` of every config file accepts, besides None (the full run).
+ARGS = ("tiny",)
+
+
 def get_base_config() -> ml_collections.ConfigDict:
-  """Returns the base config (L2P on Split CIFAR-100, 8 devices x 16 images)."""
+  """Returns the base config (L2P on Split CIFAR-100, 8 devices x 16 images), locked."""
   config = ml_collections.ConfigDict()
 
   # --- Model -------------------------------------------------------------------
@@ -20,6 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.init_checkpoint = config_dict.placeholder(str)
   # Head input: "token", "prompt", "gap" or "token+prompt".
   config.vit_classifier = "prompt"
+  # Prepend a learnt class token to the patch tokens (the "token" classifiers need it).
   config.use_cls_token = True
   # L2-normalise the pre-logits before the head.
   config.norm_pre_logits = False
@@ -35,26 +48,41 @@ def get_base_config() -> ml_collections.ConfigDict:
   # JAX picks; "cudnn": the same with cuDNN flash attention (NVIDIA GPUs, bfloat16 only).
   config.attention_impl = "xla"
 
+  # --- Prompt method --------------------------------------------------------------
+  # One of models.methods.METHODS: "l2p" (keyed prompt pool), "dualprompt" (G-Prompt plus
+  # E-Prompt pool), "coda" (CODA-Prompt components) or "none" (a plain ViT: the baselines).
+  config.method = "l2p"
+
   # --- G-Prompt (DualPrompt) -------------------------------------------------------
+  # Add the G-Prompt, one prompt shared by every task (method "dualprompt"; "l2p" needs False).
   config.use_g_prompt = False
+  # G-Prompt tokens per block (with prefix-tuning: this many keys and as many values).
   config.g_prompt_length = 5
+  # Blocks that receive the G-Prompt.
   config.g_prompt_layer_idx = (0, 1)
+  # G-Prompt as prefixes of the attention keys and values (True) or as input tokens (False).
   config.use_prefix_tune_for_g_prompt = True
 
   # --- E-Prompt / L2P prompt pool ----------------------------------------------------
+  # Add the E-Prompts drawn from the keyed pool ("l2p" needs True; "dualprompt" may drop them).
   config.use_e_prompt = True
   # L2P prepends its prompts at the input of block 0 (prompt-tuning).
   config.e_prompt_layer_idx = (0,)
+  # E-Prompts as prefixes of the attention keys and values (True) or as input tokens (False).
   config.use_prefix_tune_for_e_prompt = False
+  # The E-Prompts come from the keyed pool below ("l2p" and "dualprompt" need True).
   config.prompt_pool = True
   config.prompt_pool_param = ml_collections.ConfigDict()
-  # The original's cifar100_l2p.py values; the L2P paper's text gives length 5, top_k 5
-  # (README, "Differences from the original configs").
+  # Prompts in the pool. The original's cifar100_l2p.py values; the L2P paper's text gives
+  # length 5, top_k 5 (README, "Differences from the original configs").
   config.prompt_pool_param.pool_size = 10
+  # Tokens per prompt and block (with prefix-tuning: this many keys and as many values).
   config.prompt_pool_param.length = 10
+  # Prompts chosen per image (their tokens are concatenated).
   config.prompt_pool_param.top_k = 4
-  # Prompt and key initialisers: "uniform" ([0, 0.01)) or "normal".
+  # Prompt initialiser: "uniform" ([0, 0.01)) or "normal".
   config.prompt_pool_param.initializer = "uniform"
+  # Key initialiser: "uniform" or "normal", as `initializer`.
   config.prompt_pool_param.prompt_key_init = "uniform"
   # Learnable keys; False uses the mean of each prompt's tokens as its key.
   config.prompt_pool_param.prompt_key = True
@@ -62,8 +90,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.prompt_pool_param.use_prompt_mask = False
   # Apply that mask in the first epoch of each task only.
   config.prompt_pool_param.mask_first_epoch = False
-  # At the start of task t > 0, copy the prompts (and keys) of task t - 1's slots into t's.
+  # At the start of task t > 0, copy the prompts of task t - 1's slots into t's.
   config.prompt_pool_param.shared_prompt_pool = False
+  # The same for the keys.
   config.prompt_pool_param.shared_prompt_key = False
   # Majority vote of prompt ids over each group of `vote_group_size` images.
   config.prompt_pool_param.batchwise_prompt = True
@@ -75,10 +104,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Query for key matching: "cls" (query ViT), "mean", "max" or "mean_max" of the patch embeddings.
   config.prompt_pool_param.embedding_key = "cls"
 
+  # --- CODA-Prompt ------------------------------------------------------------------------
+  config.coda_prompt_param = ml_collections.ConfigDict()
+  # Components over all tasks; each task adds pool_size / num_tasks of them.
+  config.coda_prompt_param.pool_size = 100
+  # Prefix tokens per block, split in half: the first half extends the attention keys, the
+  # second the values.
+  config.coda_prompt_param.length = 8
+  # Blocks that receive the prefixes.
+  config.coda_prompt_param.layer_idx = (0, 1, 2, 3, 4)
+  # Weight of the orthogonality penalty on keys, attention vectors and prompts (the official
+  # scripts' 0.0 turns it off).
+  config.coda_prompt_param.ortho_mu = 0.0
+
   # Parameters whose path contains one of these substrings are not trained.
   config.freeze_part = ("encoder", "embedding", "cls")
   # Surrogate loss pulling the chosen keys towards the queries.
   config.pull_constraint = True
+  # Its weight: the loss gains -coeff x (cosine of query and chosen keys, summed over the
+  # top_k keys, averaged over the images).
   config.pull_constraint_coeff = 1.0
   # Write a histogram of chosen prompt ids at each evaluation.
   config.prompt_histogram = True
@@ -88,8 +132,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.dataset = "cifar100"
   # TFDS data directory (None: TFDS's default, ~/tensorflow_datasets).
   config.data_dir = config_dict.placeholder(str)
+  # Task-free stream of episodes with Gaussian class bumps instead of disjoint tasks
+  # (class-split benchmarks only; see configs/cifar100_gaussian_l2p.py).
   config.gaussian_schedule = False
+  # Side of the square network input, in pixels.
   config.input_size = 224
+  # Side images are first resized to; the random resized crop (train) or the central crop
+  # (test) then takes an input_size image from it. Benchmarks without augmentation (digits)
+  # resize straight to input_size.
   config.resize_size = 256
   # Pixels in [0, 1] (True) or [-1, 1].
   config.norm_01 = True
@@ -107,6 +157,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Host memory (MiB) for a task's decoded training images; a larger task keeps its images
   # encoded and decodes them at every use.
   config.decoded_train_mb = 4096
+  # Training records are shuffled with a sliding buffer of this many, as tf.data's shuffle;
+  # at least the task's size (or <= 0): a uniform permutation per epoch.
   config.shuffle_buffer_size = 10000
   # Fraction of each task's training set to keep (-1: all).
   config.subsample_rate = -1.0
@@ -115,11 +167,15 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Continual protocol ------------------------------------------------------------
   config.continual = ml_collections.ConfigDict()
+  # Tasks trained in turn (episodes for the Gaussian schedule); at most the benchmark's.
   config.continual.num_tasks = 10
+  # Classes of each task on class-split benchmarks (cifar100, imagenet_r, digits); the others
+  # fix their own.
   config.continual.num_classes_per_task = 10
   # -1: classes in label order; >= 0: a permutation seeded from this value.
   config.continual.rand_seed = -1
-  # -1: `num_epochs` decide; > 0: train this many steps per task.
+  # -1: `num_epochs` decide; > 0: train this many steps per task (Gaussian schedule: the
+  # episode's stream length, see configs/cifar100_gaussian_l2p.py).
   config.continual.num_train_steps_per_task = -1
   # Logits of classes outside the current task are -inf during training.
   config.continual.train_mask = True
@@ -127,8 +183,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.continual.eval_task_inc = False
 
   # --- Optimisation ----------------------------------------------------------------
+  # Images per device and step; the global batch is this x the number of devices.
   config.per_device_batch_size = 16
-  config.optim = "adam"  # "adamw" or "sgd" (Nesterov momentum)
+  # "adam", "adamw" or "sgd" (Nesterov momentum).
+  config.optim = "adam"
+  # Momentum of "sgd".
   config.sgd_momentum = 0.9
   # Scaled by global_batch / 256.
   config.learning_rate = 0.03
@@ -141,12 +200,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # "adam" and "sgd": 0.5 x weight_decay x (squared weights of rank >= 2, frozen ones too)
   # is added to the loss; "adam" and "adamw" also decay the trained weights in the update.
   config.weight_decay = 0.0
+  # Clip the gradients to this global norm (<= 0: no clipping).
   config.grad_clip_max_norm = 1.0
   # "full": clip by the norm of every gradient, frozen backbone included (the original);
   # "trainable": clip the trainable gradients only and skip the frozen weight gradients.
   config.grad_clip_mode = "full"
   # Re-create the optimizer state at the start of every task.
   config.reinit_optimizer = True
+  # Epochs per task (unless continual.num_train_steps_per_task > 0).
   config.num_epochs = 5
 
   # --- Evaluation, logging, checkpoints -----------------------------------------
@@ -160,12 +221,58 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_eval_steps = -1
   # Compute the query ViT's features of each eval image once and reuse them.
   config.cache_eval_query_features = True
+  # Log the mean training metrics every this many steps of a task.
   config.log_loss_every_steps = 3
+  # Checkpoint every this many global steps (and after each task's evaluation).
   config.checkpoint_every_steps = 5000
   # Keep only the latest checkpoint.
   config.save_last_ckpt_only = True
 
+  # Seed of the data (shuffles, subsampling, augmentation, the Gaussian schedule's label
+  # sets) and, plus `trial`, of parameter init and dropout.
   config.seed = 42
   # Repetition index: offsets the seed of parameter init and dropout.
   config.trial = 0
+  # Config files may change these fields but add none: a misspelt name raises.
+  config.lock()
   return config
+
+
+def set_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a run of seconds on a CPU: the tests' and quick checks' size.
+
+  The tiny random `ViT-test` (no pretrained weights) on 16 x 16 inputs, prompts of 2 tokens,
+  2 tasks of 4 steps at 4 images per device, logging and checkpointing every 2 steps (every
+  checkpoint kept, so that tests can read them); CODA-Prompt with 8 components, as many
+  orthogonal keys as the tiny ViT's width holds. Method, benchmark and protocol stay.
+  """
+  config.model_name = "ViT-test"
+  config.init_checkpoint = None
+  config.input_size = 16
+  config.resize_size = 16
+  config.prompt_pool_param.length = 2
+  config.prompt_pool_param.top_k = 2
+  config.continual.num_tasks = 2
+  config.continual.num_train_steps_per_task = 4
+  config.per_device_batch_size = 4
+  config.log_loss_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.save_last_ckpt_only = False
+  config.shuffle_buffer_size = 64
+  if config.method == "coda":
+    # ViT-test is 32 wide: room for at most 32 orthogonal keys; 4 components per task.
+    config.coda_prompt_param.pool_size = 8
+  return config
+
+
+def with_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config file's `get_config(arg)`: None keeps `config`; "tiny": `set_tiny`.
+
+  Raises:
+    ValueError: `arg` is not one of ARGS.
+  """
+  if arg is None:
+    return config
+  if arg == "tiny":
+    return set_tiny(config)
+  raise ValueError(f"Unknown config argument {arg!r}; valid: {', '.join(ARGS)} (or none for the full run).")

@@ -11,7 +11,7 @@ Published: 78.33 accuracy.
 from configs import common
 
 
-def get_config():
+def get_config(arg=None):
   config = common.get_base_config()
   config.dataset = "core50"
   config.continual.num_tasks = 8
@@ -24,4 +24,4 @@ def get_config():
   # The whole backbone trains (the query ViT stays as pretrained).
   config.freeze_part = ()
   config.prompt_histogram = False
-  return config
+  return common.with_arg(config, arg)

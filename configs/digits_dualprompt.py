@@ -10,10 +10,10 @@ from configs import common
 from configs import digits_l2p
 
 
-def get_config():
+def get_config(arg=None):
   config = cifar100_dualprompt.set_dualprompt(common.get_base_config())
   config = digits_l2p.set_demo(config)
   config.g_prompt_length = 2
   config.prompt_pool_param.length = 2
   config.learning_rate = 0.03
-  return config
+  return common.with_arg(config, arg)

@@ -9,5 +9,5 @@ from configs import baselines
 from configs import digits_l2p
 
 
-def get_config():
-  return baselines.set_ft_frozen(digits_l2p.get_config())
+def get_config(arg=None):
+  return baselines.set_ft_frozen(digits_l2p.get_config(arg))

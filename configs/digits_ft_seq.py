@@ -9,6 +9,6 @@ from configs import baselines
 from configs import digits_l2p
 
 
-def get_config():
-  return baselines.set_ft_seq(digits_l2p.get_config(),
+def get_config(arg=None):
+  return baselines.set_ft_seq(digits_l2p.get_config(arg),
                              learning_rate=baselines.DIGITS_FINETUNE_LEARNING_RATE)

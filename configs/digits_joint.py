@@ -9,6 +9,7 @@ from configs import baselines
 from configs import digits_l2p
 
 
-def get_config():
-  return baselines.set_joint(digits_l2p.get_config(),
+def get_config(arg=None):
+  # arg first: "tiny" joins the tiny run's tasks into one.
+  return baselines.set_joint(digits_l2p.get_config(arg),
                             learning_rate=baselines.DIGITS_FINETUNE_LEARNING_RATE)

@@ -37,9 +37,9 @@ def set_demo(config):
   return config
 
 
-def get_config():
+def get_config(arg=None):
   config = set_demo(common.get_base_config())
   config.prompt_pool_param.pool_size = 10
   config.prompt_pool_param.length = 5
   config.prompt_pool_param.top_k = 1
-  return config
+  return common.with_arg(config, arg)

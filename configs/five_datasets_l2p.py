@@ -10,7 +10,7 @@ Published: 81.14 average accuracy, 4.64 forgetting.
 from configs import common
 
 
-def get_config():
+def get_config(arg=None):
   config = common.get_base_config()
   config.dataset = "5datasets"
   config.continual.num_tasks = 5
@@ -20,4 +20,4 @@ def get_config():
   config.prompt_pool_param.use_prompt_mask = True
   config.prompt_pool_param.shared_prompt_pool = True
   config.pull_constraint_coeff = 0.5
-  return config
+  return common.with_arg(config, arg)

@@ -10,7 +10,7 @@ from configs import cifar100_dualprompt
 from configs import common
 
 
-def get_config():
+def get_config(arg=None):
   config = cifar100_dualprompt.set_dualprompt(common.get_base_config())
   config.dataset = "imagenet_r"
   config.continual.num_classes_per_task = 20
@@ -19,4 +19,4 @@ def get_config():
   config.eval_per_epochs = 10
   config.prompt_pool_param.length = 20
   config.prompt_pool_param.batchwise_prompt = False
-  return config
+  return common.with_arg(config, arg)

@@ -8,5 +8,5 @@ from configs import baselines
 from configs import imr_dualprompt
 
 
-def get_config():
-  return baselines.set_ft_frozen(imr_dualprompt.get_config())
+def get_config(arg=None):
+  return baselines.set_ft_frozen(imr_dualprompt.get_config(arg))

@@ -10,5 +10,6 @@ from configs import baselines
 from configs import imr_dualprompt
 
 
-def get_config():
-  return baselines.set_joint(imr_dualprompt.get_config())
+def get_config(arg=None):
+  # arg first: "tiny" joins the tiny run's tasks into one.
+  return baselines.set_joint(imr_dualprompt.get_config(arg))

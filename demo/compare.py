@@ -26,6 +26,7 @@ METHODS = {
     'ft_frozen': ('FT-seq-frozen', 'configs.digits_ft_frozen'),
     'l2p': ('L2P', 'configs.digits_l2p'),
     'dualprompt': ('DualPrompt', 'configs.digits_dualprompt'),
+    'coda': ('CODA-Prompt', 'configs.digits_coda'),
     'joint': ('joint training (upper bound)', 'configs.digits_joint'),
 }
 METRICS = ('avg_acc', 'forgetting')

@@ -73,11 +73,6 @@ def _ids(classes) -> np.ndarray:
   return np.sort(np.asarray(classes, np.int32))
 
 
-def _continual(config, key: str, default):
-  value = config.get('continual', {}).get(key, default)
-  return default if value is None else value
-
-
 def class_order(num_classes: int, rand_seed: int) -> np.ndarray:
   """Label order when rand_seed < 0, else a permutation seeded by rand_seed."""
   if rand_seed < 0:
@@ -86,7 +81,7 @@ def class_order(num_classes: int, rand_seed: int) -> np.ndarray:
 
 
 def _num_tasks(config, available: int, name: str) -> int:
-  num_tasks = _continual(config, 'num_tasks', available)
+  num_tasks = config.continual.num_tasks
   if not 0 < num_tasks <= available:
     raise UserError(f'continual.num_tasks={num_tasks} does not fit {name}: '
                     f'choose 1..{available}')
@@ -109,15 +104,13 @@ class ClassSplit:
   augment: bool = True
 
   def layout(self, name: str, config) -> Layout:
-    per_task = _continual(config, 'num_classes_per_task',
-                          self.num_classes // 10)
-    num_tasks = _continual(config, 'num_tasks',
-                           self.num_classes // max(per_task, 1))
+    per_task = config.continual.num_classes_per_task
+    num_tasks = config.continual.num_tasks
     if min(per_task, num_tasks) <= 0 or num_tasks * per_task > self.num_classes:
       raise UserError(
           f'continual.num_tasks={num_tasks} x num_classes_per_task={per_task} '
           f'does not fit the {self.num_classes} classes of {name}')
-    order = class_order(self.num_classes, _continual(config, 'rand_seed', -1))
+    order = class_order(self.num_classes, config.continual.rand_seed)
     masks = [_ids(order[t * per_task:(t + 1) * per_task])
              for t in range(num_tasks)]
     keep = lambda part, m: dataclasses.replace(part, classes=tuple(m.tolist()))
@@ -231,12 +224,12 @@ def _gaussian(name: str, spec: ClassSplit, config) -> Layout:
   `gaussian_schedule`); the whole test set is evaluated after every 10th
   episode and after the last.
   """
-  num_episodes = _continual(config, 'num_tasks', 200)
-  order = class_order(spec.num_classes, _continual(config, 'rand_seed', -1))
+  num_episodes = config.continual.num_tasks
+  order = class_order(spec.num_classes, config.continual.rand_seed)
   sets = gaussian_schedule.label_sets(
       num_classes=spec.num_classes, num_tasks=num_episodes,
-      steps_per_task=_continual(config, 'num_train_steps_per_task', -1),
-      seed=config.get('seed', 0), class_order=order)
+      steps_per_task=config.continual.num_train_steps_per_task,
+      seed=config.seed, class_order=order)
   keep = lambda s: dataclasses.replace(spec.train, classes=tuple(s.tolist()))
   every = np.arange(spec.num_classes, dtype=np.int32)
   last = num_episodes - 1
@@ -251,18 +244,18 @@ def _gaussian(name: str, spec: ClassSplit, config) -> Layout:
 
 def layout(config) -> Layout:
   """Resolves `config.dataset` (and the continual settings) into a Layout."""
-  name = config.get('dataset')
+  name = config.dataset
   if name not in TABLE:
     raise UserError(f'unknown dataset {name!r}: choose one of '
                     f'{", ".join(sorted(TABLE))}')
   spec = TABLE[name]
-  if config.get('gaussian_schedule', False):
+  if config.gaussian_schedule:
     if not isinstance(spec, ClassSplit):
       raise UserError(f'gaussian_schedule needs a class-split dataset, not '
                       f'{name!r}: use cifar100')
     result = _gaussian(name, spec, config)
   else:
     result = spec.layout(name, config)
-    if config.get('reverse_task', False):
+    if config.reverse_task:
       result = _reverse(result)
   return result

@@ -96,30 +96,29 @@ class Benchmark:
     self._batch = config.per_device_batch_size
     self._local_batch = num_local_devices * config.per_device_batch_size
     self._global_batch = self._local_batch * process_count
-    self._seed = config.get('seed', 0)
-    self._num_epochs = config.get('num_epochs', 1)
-    self._shuffle_buffer = config.get('shuffle_buffer_size', 0)
-    self._subsample_rate = config.get('subsample_rate', -1)
-    self._steps_per_task = config.get('continual', {}).get(
-        'num_train_steps_per_task', -1)
+    self._seed = config.seed
+    self._num_epochs = config.num_epochs
+    self._shuffle_buffer = config.shuffle_buffer_size
+    self._subsample_rate = config.subsample_rate
+    self._steps_per_task = config.continual.num_train_steps_per_task
     self._input_size = config.input_size
-    self._resize_size = config.get('resize_size', config.input_size)
-    self._norm_01 = config.get('norm_01', True)
+    self._resize_size = config.resize_size
+    self._norm_01 = config.norm_01
     # Test images through the training augmentation: None takes the
     # benchmark's choice (the original's: CORe50 only).
-    eval_augment = config.get('eval_with_train_augment', None)
+    eval_augment = config.eval_with_train_augment
     self._eval_augment = (layout.eval_augment if eval_augment is None
                           else bool(eval_augment))
     self._cache = None
     self._eval_cache, self._eval_cache_bytes = {}, 0
-    self._eval_cache_budget = config.get('decoded_cache_mb', 1024) * 2**20
-    self._train_budget = config.get('decoded_train_mb', 4096) * 2**20
+    self._eval_cache_budget = config.decoded_cache_mb * 2**20
+    self._train_budget = config.decoded_train_mb * 2**20
     parts = list(layout.train) + list(layout.eval_sets)
     # Images of one stored shape are decoded once; others at every use.
     self._one_shape = {part: source.image_shape(part) is not None
                        for part in parts}
     self.device_preprocess = None
-    if config.get('preprocess_on_device', True) and all(self._one_shape.values()):
+    if config.preprocess_on_device and all(self._one_shape.values()):
       max_values = {source.max_value(part) for part in parts}
       if len(max_values) != 1:
         raise ValueError(f'{self.name} stores pixels on several scales: '
@@ -144,10 +143,7 @@ class Benchmark:
 
   def _task_train_ids(self, task: int) -> np.ndarray:
     ids = self._source.select(self._layout.train[task])
-    if self._subsample_rate != -1:
-      if not 0 < self._subsample_rate <= 1:
-        raise UserError(f'subsample_rate={self._subsample_rate} must be -1 '
-                        '(all) or in (0, 1]')
+    if self._subsample_rate != -1:  # In (0, 1]: validation.check_data.
       keep = round(self._subsample_rate * len(ids))
       rng = _rng(self._seed, _SUBSAMPLE, task)
       ids = np.sort(rng.choice(ids, size=keep, replace=False))
@@ -429,44 +425,29 @@ def _keep_tensorflow_off_accelerators():
     pass
 
 
-def _check_sizes(config):
-  for key, default in (('per_device_batch_size', 0), ('input_size', 0),
-                       ('num_epochs', 1)):
-    if (config.get(key, default) or 0) <= 0:
-      raise UserError(f'{key}={config.get(key)} must be a positive integer')
-  for key, images in (('decoded_cache_mb', 'test images at every evaluation'),
-                      ('decoded_train_mb', 'training images at every use')):
-    if config.get(key, 0) < 0:
-      raise UserError(f'{key}={config[key]} must be >= 0 (0 decodes the '
-                      f'{images})')
-
-
 def create_benchmark(config, *, num_local_devices: int | None = None,
                      process_index: int | None = None,
                      process_count: int | None = None) -> Benchmark:
   """Builds the benchmark that `config.dataset` names (see benchmarks.TABLE).
 
   Args:
-    config: the run's ConfigDict.
+    config: the run's ConfigDict; its settings are assumed to have passed
+      `validation.check_data` (sizes, subsample rate, memory budgets).
     num_local_devices: devices fed by this host (default: jax's count).
     process_index: this host's index (default: jax.process_index()).
     process_count: number of hosts (default: jax.process_count()).
 
   Raises:
-    UserError: unknown dataset, data not prepared, or inconsistent settings.
+    UserError: unknown dataset or task count (`benchmarks.layout`), data not
+      prepared, or a task without training examples.
   """
   _keep_tensorflow_off_accelerators()
-  _check_sizes(config)
   num_local_devices = num_local_devices or jax.local_device_count()
   process_index = (jax.process_index() if process_index is None
                    else process_index)
   process_count = process_count or jax.process_count()
   layout = benchmarks.layout(config)
-  resize_size = config.get('resize_size', config.input_size)
-  if layout.augment and resize_size < config.input_size:
-    raise UserError(f'resize_size={resize_size} is smaller than '
-                    f'input_size={config.input_size}: the crop needs room')
-  source = record_sources.RecordSources(config.get('data_dir'),
+  source = record_sources.RecordSources(config.data_dir,
                                         num_classes=layout.num_classes)
   return Benchmark(layout, source, config, num_local_devices=num_local_devices,
                    process_index=process_index, process_count=process_count)

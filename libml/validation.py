@@ -104,17 +104,6 @@ def check_data(config) -> benchmarks.Layout:
   return layout
 
 
-def _check_vote_groups(config) -> None:
-  """Vote groups must tile each device's batch, as the per-device vote of the original did."""
-  if not (config.use_e_prompt and config.prompt_pool):
-    return
-  group = config.prompt_pool_param.vote_group_size
-  if group > 0 and config.per_device_batch_size % group:
-    raise UserError(f"prompt_pool_param.vote_group_size={group} does not divide per_device_batch_size="
-                    f"{config.per_device_batch_size}: the vote groups must tile each device's batch; "
-                    "choose a divisor, or -1 for one group per device.")
-
-
 def _check_models(config, num_classes: int) -> None:
   """Builds the models, which run their own checks (model_name, top_k, prompt layers, ...).
 
@@ -137,7 +126,6 @@ def check_config(config) -> None:
   _check_positive_ints(config)
   _check_optimization(config)
   layout = check_data(config)
-  _check_vote_groups(config)
   _check_models(config, layout.num_classes)
 
 

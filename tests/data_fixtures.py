@@ -8,20 +8,20 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from configs import cifar100_l2p
+
 
 def pipeline_config(dataset: str, **overrides) -> ml_collections.ConfigDict:
-  """A config with the keys the input pipeline reads, sized for tests."""
-  config = ml_collections.ConfigDict({
-      'dataset': dataset, 'data_dir': None, 'per_device_batch_size': 2,
-      'input_size': 8, 'resize_size': 10, 'norm_01': True, 'num_epochs': 2,
-      'shuffle_buffer_size': 10000, 'seed': 0, 'subsample_rate': -1.0,
-      'reverse_task': False, 'gaussian_schedule': False,
-      # The host prepares network inputs; tests of the device path turn it on.
-      'preprocess_on_device': False,
-      'continual': {'num_tasks': 10, 'num_classes_per_task': 10,
-                    'rand_seed': -1, 'num_train_steps_per_task': -1},
-  })
-  config.update_from_flattened_dict(overrides)
+  """configs/cifar100_l2p.py on `dataset`, sized for the input pipeline tests.
+
+  2 images per device, 8 x 8 inputs from 10 x 10 resized images, 2 epochs, seed 0 (the
+  tests' expectations were drawn with it); the host prepares the network inputs (tests of
+  the device path turn `preprocess_on_device` on). `overrides` are flattened field names.
+  """
+  config = cifar100_l2p.get_config()
+  config.update_from_flattened_dict({
+      'dataset': dataset, 'per_device_batch_size': 2, 'input_size': 8, 'resize_size': 10,
+      'num_epochs': 2, 'seed': 0, 'preprocess_on_device': False, **overrides})
   return config
 
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+import train_continual
 from configs import digits_l2p
 from libml import evaluation
 from libml import steps
@@ -14,19 +15,12 @@ from models import factory
 
 
 def tiny_digits_config(**overrides):
-  """digits_l2p shrunk to 2 tasks x 4 steps on the tiny, randomly initialised test ViT."""
-  config = digits_l2p.get_config()
-  config.model_name = "ViT-test"
-  config.init_checkpoint = None
-  config.prompt_pool_param.length = 2
-  config.prompt_pool_param.top_k = 2
-  config.continual.num_tasks = 2
-  config.continual.num_train_steps_per_task = 4
-  config.per_device_batch_size = 4
-  config.log_loss_every_steps = 2
-  config.checkpoint_every_steps = 2
-  config.save_last_ckpt_only = False
-  config.shuffle_buffer_size = 64
+  """`configs/digits_l2p.py:tiny` (2 tasks x 4 steps on the random test ViT) with `overrides`.
+
+  Overrides are flattened field names ("prompt_pool_param.top_k"); a name the config does
+  not define raises.
+  """
+  config = digits_l2p.get_config("tiny")
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -64,12 +58,18 @@ def snapshot(directory: str) -> dict[str, bytes]:
   return out
 
 
+def method_task(model, benchmark, task: int) -> dict:
+  """The prompt method's arrays for `task`, which the loop passes the evaluator after it."""
+  return train_continual._task_arrays(benchmark, task, model)["method"]  # pylint: disable=protected-access
+
+
 def evaluator_setup(config, benchmark):
   """Models with a random non-zero head and Evaluators over `benchmark`, for cache tests.
 
   Returns:
-    (make, rparams, rquery, query_model): `make(cache)` builds an Evaluator that caches the
-    query features or not; rparams / rquery are the replicated model / query parameters.
+    (make, rparams, rquery, query_model, method_task): `make(cache)` builds an Evaluator that
+    caches the query features or not; rparams / rquery are the replicated model / query
+    parameters; method_task the method's arrays after the benchmark's last task.
   """
   model = factory.create_model(config, benchmark.num_classes)
   query_model = factory.create_query_model(config, benchmark.num_classes)
@@ -77,11 +77,11 @@ def evaluator_setup(config, benchmark):
   # A non-zero head so that accuracies and losses depend on the prompts chosen.
   params["head"]["kernel"] = np.random.default_rng(0).normal(size=params["head"]["kernel"].shape)
   query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
-  options = steps.StepOptions.from_config(config, 8)
-  assert options.needs_query
+  assert model.needs_query
 
   def make(cache: bool) -> evaluation.Evaluator:
-    return evaluation.Evaluator(benchmark, model, query_model, options, cache_query_features=cache,
+    return evaluation.Evaluator(benchmark, model, query_model, cache_query_features=cache,
                                 num_eval_steps=config.num_eval_steps, task_incremental=False)
 
-  return make, steps.replicate(params), steps.replicate(query_params), query_model
+  last = method_task(model, benchmark, benchmark.num_tasks - 1)
+  return make, steps.replicate(params), steps.replicate(query_params), query_model, last

@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSE_ENV = "L2P_TEST_PAUSE"
 MARKER_ENV = "L2P_TEST_MARKER"
 SIGNAL_ENV = "L2P_TEST_SIGNAL"
-# The tests' config file: configs/digits_l2p.py shrunk to the tiny test ViT.
-TINY_CONFIG = "tests/tiny_digits.py"
+# The tests' config: configs/digits_l2p.py shrunk to the tiny test ViT (its `get_config("tiny")`).
+TINY_CONFIG = "configs/digits_l2p.py:tiny"
 
 
 
@@ -47,7 +47,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def tiny_flags(**overrides) -> dict:
-  """main.py overrides of tests/tiny_digits.py that give tests.e2e_util.tiny_digits_config(**overrides)."""
+  """main.py overrides of TINY_CONFIG that give tests.e2e_util.tiny_digits_config(**overrides)."""
   from tests import e2e_util  # pylint: disable=g-import-not-at-top
   base = _flat(json.loads(e2e_util.tiny_digits_config().to_json_best_effort()))
   tiny = _flat(json.loads(e2e_util.tiny_digits_config(**overrides).to_json_best_effort()))
@@ -82,7 +82,7 @@ def env(num_devices: int, **extra: str) -> dict:
 
 
 def command(workdir: str, overrides: dict, *flags: str, config: str = TINY_CONFIG) -> list[str]:
-  """`python -m tests.run_util` with main.py's flags for `config` plus `overrides`."""
+  """`python -m tests.run_util` with main.py's flags for `config` (a path, `:arg` allowed) plus `overrides`."""
   cmd = [sys.executable, "-m", "tests.run_util", "--my_config", os.path.join(ROOT, config),
          f"--workdir={workdir}"]
   cmd += [f"--my_config.{k}={v}" for k, v in overrides.items()]

@@ -129,6 +129,7 @@ _BAD_CONFIGS = {
     "vote_groups_do_not_tile": ({"prompt_pool_param.vote_group_size": 3},
                                 r"vote_group_size=3 does not divide per_device_batch_size=4"),
     "empty_batch": ({"per_device_batch_size": 0}, r"per_device_batch_size=0 must be a positive integer"),
+    "subsample_rate_above_one": ({"subsample_rate": 2.0}, r"subsample_rate=2\.0 must be -1 \(all\) or in \(0, 1\]"),
     "dataset_not_prepared": (lambda d: {"dataset": "cifar100", "data_dir": d},
                              r"'cifar100'.* not prepared"),
 }
@@ -262,6 +263,11 @@ _BROKEN_CONFIG_FILES = {
                    "  config.model_name = undefined_name\n  return config\n",
                    r"line 6: NameError: name 'undefined_name' is not defined\.$"),
     "no_get_config": ("MODEL = 'ViT-B_16'\n", r" defines no get_config\(\); "),
+    # The base config is locked: a field it does not define is a typo, not a new field.
+    "misspelt_field": ("from configs import digits_l2p\n\n\ndef get_config():\n"
+                       "  config = digits_l2p.get_config('tiny')\n  config.leraning_rate = 1.0\n  return config\n",
+                       r"line 6: 'leraning_rate' is not a config field \(configs/common\.py defines them all\); "
+                       r"check the spelling\.$"),
 }
 
 
@@ -276,4 +282,14 @@ def test_config_file_that_does_not_load_is_one_line_naming_file_and_line(tmp_pat
   assert done.stderr.strip().splitlines() == [done.stderr.strip()]
   assert done.stderr.startswith(f"error: Config file {path}")
   assert re.search(match, done.stderr.strip()), done.stderr
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_config_argument_is_one_line_naming_the_valid_ones(tmp_path):
+  path = os.path.join(run_util.ROOT, "configs", "digits_l2p.py")
+  done = run_util.run(run_util.command(str(tmp_path / "run"), {}, config=f"{path}:huge"), run_util.env(1),
+                      timeout=120)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert re.fullmatch(rf"error: Config file {re.escape(path)}, line \d+: ValueError: Unknown config argument "
+                      r"'huge'; valid: tiny \(or none for the full run\)\.", done.stderr.strip()), done.stderr
   assert not os.path.exists(tmp_path / "run")

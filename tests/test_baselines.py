@@ -36,7 +36,7 @@ def test_baseline_config_is_its_benchmark_without_prompts(benchmark, kind):
   config.model_name = "ViT-test"  # the structure, not the size, is under test
   config.init_checkpoint = None
   # No prompts anywhere: the class token feeds the head.
-  assert not config.use_e_prompt and not config.use_g_prompt and config.vit_classifier == "token"
+  assert config.method == "none" and config.vit_classifier == "token"
   roots = set(factory.param_shapes(factory.create_model(config, 10), 16))
   assert not roots & {"e_prompt", "g_prompt"}
   trained = _trainable_roots(config)

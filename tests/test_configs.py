@@ -1,6 +1,10 @@
-"""Every original config builds and runs (tiny ViT, 2 tasks x 2 steps, mocked TFDS data)."""
+"""The configs: every field documented and locked, the `tiny` switch, and every original config
+builds and runs (tiny ViT, 2 tasks x 2 steps, mocked TFDS data)."""
 
+import ast
+import glob
 import importlib
+import inspect
 import json
 import os
 
@@ -9,10 +13,17 @@ import pytest
 import tensorflow_datasets as tfds
 
 import train_continual
+from configs import common
+from configs import digits_l2p
 from libml import input_pipeline
+from libml import validation
 from tests import e2e_util
 from tests.test_input_pipeline import _fake_imagenet_r
 
+# Every config file (configs/<name>.py with a get_config).
+CONFIG_NAMES = tuple(sorted(
+    os.path.basename(path)[:-3] for path in glob.glob(os.path.join(os.path.dirname(common.__file__), "*.py"))
+    if os.path.basename(path) not in ("__init__.py", "common.py", "baselines.py")))
 ORIGINAL_CONFIGS = ("cifar100_l2p", "five_datasets_l2p", "core50_l2p", "cifar100_gaussian_l2p",
                     "imr_dualprompt", "cifar100_dualprompt")
 
@@ -101,12 +112,14 @@ def test_configs_hold_the_original_values(index, name):
 
 
 def _tiny(name: str):
-  config = importlib.import_module(f"configs.{name}").get_config()
-  config.model_name = "ViT-test"
-  config.input_size = 16
+  """The config's `tiny` variant with the config's own prompt pool shape, 18 x 18 images,
+  2 images per device, 2 steps per task and 3 eval batches."""
+  module = importlib.import_module(f"configs.{name}")
+  full, config = module.get_config(), module.get_config("tiny")
+  config.prompt_pool_param.length = full.prompt_pool_param.length
+  config.prompt_pool_param.top_k = full.prompt_pool_param.top_k
   config.resize_size = 18
   config.per_device_batch_size = 2
-  config.continual.num_tasks = 2
   config.continual.num_train_steps_per_task = 2
   config.num_eval_steps = 3
   config.shuffle_buffer_size = 16
@@ -182,3 +195,82 @@ def test_digits_dualprompt_config_trains_and_evaluates(tmp_path):
   params = checkpoints[max(checkpoints)][1]["params"]
   assert "g_prompt" in params and params["e_prompt"]["prompt"].shape[0] == config.prompt_pool_param.pool_size
   assert params["e_prompt"]["key"].shape[0] == config.prompt_pool_param.pool_size
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _assigned_fields(source: str) -> dict[str, int]:
+  """Dotted field -> line of `config.<field> = ...` in get_base_config (sub-dicts left out)."""
+  function = next(node for node in ast.parse(source).body
+                  if isinstance(node, ast.FunctionDef) and node.name == "get_base_config")
+  out = {}
+  for node in ast.walk(function):
+    if isinstance(node, ast.Assign) and not ast.unparse(node.value).endswith("ConfigDict()"):
+      target = ast.unparse(node.targets[0])
+      if target.startswith("config."):
+        out[target[len("config."):]] = node.lineno
+  return out
+
+
+def test_every_base_field_has_a_comment_directly_above_it():
+  source = inspect.getsource(common)
+  lines = source.splitlines()
+  fields = _assigned_fields(source)
+  assert set(fields) == set(_flat(common.get_base_config().to_dict()))  # The parse saw every field.
+  for field, line in fields.items():
+    above = lines[line - 2].strip()  # Line numbers count from 1.
+    assert above.startswith("#") and not above.startswith("# ---"), f"{field} (line {line}) has no comment"
+
+
+def test_configs_are_locked_against_new_fields():
+  with pytest.raises(AttributeError, match="leraning_rate"):
+    common.get_base_config().leraning_rate = 1.0
+  with pytest.raises(AttributeError, match="pool_sise"):
+    common.get_base_config().prompt_pool_param.pool_sise = 20
+  for name in CONFIG_NAMES:
+    module = importlib.import_module(f"configs.{name}")
+    assert module.get_config().is_locked and module.get_config("tiny").is_locked, name
+
+
+# What `common.set_tiny` changes; "tiny" changes nothing else of a config, except where a config
+# adjusts to the tiny task count (joint training's classes, the Gaussian stream's epochs).
+_TINY = {"model_name": "ViT-test", "init_checkpoint": None, "input_size": 16, "resize_size": 16,
+         "prompt_pool_param.length": 2, "prompt_pool_param.top_k": 2, "continual.num_tasks": 2,
+         "continual.num_train_steps_per_task": 4, "per_device_batch_size": 4, "log_loss_every_steps": 2,
+         "checkpoint_every_steps": 2, "save_last_ckpt_only": False, "shuffle_buffer_size": 64}
+# And for CODA-Prompt, whose orthogonal keys must fit the tiny ViT's width.
+_TINY_CODA = {"coda_prompt_param.pool_size": 8}
+_ADJUSTED = {"cifar100_gaussian_l2p": {"continual.num_train_steps_per_task", "num_epochs"},
+             "cifar100_joint": {"continual.num_tasks", "continual.num_classes_per_task"},
+             "digits_joint": {"continual.num_tasks", "continual.num_classes_per_task"},
+             "imr_joint": {"continual.num_tasks", "continual.num_classes_per_task"}}
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_tiny_argument_shrinks_the_config_and_keeps_method_and_protocol(name):
+  module = importlib.import_module(f"configs.{name}")
+  full, tiny = _flat(module.get_config().to_dict()), _flat(module.get_config("tiny").to_dict())
+  assert _flat(module.get_config(None).to_dict()) == full
+  adjusted = _ADJUSTED.get(name, set())
+  expected = {**_TINY, **(_TINY_CODA if full["method"] == "coda" else {})}
+  changed = {k for k in full if full[k] != tiny[k]}
+  assert changed <= set(expected) | adjusted, name
+  assert all(tiny[k] == v for k, v in expected.items() if k not in adjusted), name
+  validation.check_config(module.get_config("tiny"))
+  with pytest.raises(ValueError, match=r"Unknown config argument 'huge'; valid: tiny"):
+    module.get_config("huge")
+
+
+def test_tiny_digits_is_the_tests_config():
+  """The tests' e2e runs use digits_l2p's tiny variant: the demo with `_TINY`'s fields."""
+  expected = digits_l2p.get_config()
+  expected.update_from_flattened_dict(_TINY)
+  assert expected == digits_l2p.get_config("tiny") == e2e_util.tiny_digits_config()

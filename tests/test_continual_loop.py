@@ -32,15 +32,14 @@ def _train_recording_steps(config, workdir: str) -> list[tuple[train_state.Train
 
   def init(self, *args, **kwargs):
     original_init(self, *args, **kwargs)
-    for name in ("train_step", "unmasked_train_step"):
-      step_fn = getattr(self, name)
+    step_fn = self.train_step
 
-      def recorded(rstate, *rest, step_fn=step_fn):
-        before = train_state.host_copy(flax.jax_utils.unreplicate(rstate))  # before it is donated
-        new_rstate, metrics = step_fn(rstate, *rest)
-        records.append((before, train_state.host_copy(flax.jax_utils.unreplicate(new_rstate))))
-        return new_rstate, metrics
-      setattr(self, name, recorded)
+    def recorded(rstate, *rest):
+      before = train_state.host_copy(flax.jax_utils.unreplicate(rstate))  # before it is donated
+      new_rstate, metrics = step_fn(rstate, *rest)
+      records.append((before, train_state.host_copy(flax.jax_utils.unreplicate(new_rstate))))
+      return new_rstate, metrics
+    self.train_step = recorded
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train_continual._Runner, "__init__", init)  # pylint: disable=protected-access

@@ -268,11 +268,11 @@ def test_core50_cached_query_features_equal_recomputed_on_augmented_test_images(
   benchmark = _create(config)
   assert benchmark.device_preprocess is not None
   assert {'crop', 'flip'} <= set(batches(benchmark.eval_dataset(0).take(1))[0])
-  evaluator, rparams, rquery, query_model = e2e_util.evaluator_setup(config, benchmark)
+  evaluator, rparams, rquery, query_model, method_task = e2e_util.evaluator_setup(config, benchmark)
   cached = evaluator(True)
-  first = cached.evaluate(rparams, rquery, 0)  # Computes and keeps the features.
-  second = cached.evaluate(rparams, rquery, 0)  # Reuses them.
-  fresh = evaluator(False).evaluate(rparams, rquery, 0)
+  first = cached.evaluate(rparams, rquery, 0, method_task)  # Computes and keeps the features.
+  second = cached.evaluate(rparams, rquery, 0, method_task)  # Reuses them.
+  fresh = evaluator(False).evaluate(rparams, rquery, 0, method_task)
   for result in (first, second):
     assert result['accuracy'] == fresh['accuracy'] and result['count'] == fresh['count'] > 0
     np.testing.assert_allclose(result['loss'], fresh['loss'], rtol=1e-6)

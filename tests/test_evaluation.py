@@ -20,12 +20,12 @@ def test_cached_query_features_equal_recomputed(on_device):
   benchmark = input_pipeline.create_benchmark(config)
   assert (benchmark.device_preprocess is not None) == on_device
   assert config.num_eval_steps == -1  # every batch
-  evaluator, rparams, rquery, query_model = e2e_util.evaluator_setup(config, benchmark)
+  evaluator, rparams, rquery, query_model, method_task = e2e_util.evaluator_setup(config, benchmark)
   cached = evaluator(True)
-  first = cached.evaluate(rparams, rquery, 1)  # computes and stores the features
+  first = cached.evaluate(rparams, rquery, 1, method_task)  # computes and stores the features
   features = cached._cache[1]
-  second = cached.evaluate(rparams, rquery, 1)  # reuses them
-  fresh = evaluator(False).evaluate(rparams, rquery, 1)
+  second = cached.evaluate(rparams, rquery, 1, method_task)  # reuses them
+  fresh = evaluator(False).evaluate(rparams, rquery, 1, method_task)
   for result in (first, second):
     assert result["accuracy"] == fresh["accuracy"] and result["count"] == fresh["count"]
     np.testing.assert_allclose(result["loss"], fresh["loss"], rtol=1e-6)
@@ -54,14 +54,14 @@ def test_padding_is_not_counted_and_task_incremental_masks_other_classes():
   params["head"]["kernel"] = np.zeros_like(params["head"]["kernel"])
   params["head"]["bias"] = np.array([3.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
   query_params = {k: params[k] for k in factory.param_shapes(query_model, config.input_size)}
-  options = steps.StepOptions.from_config(config, 10)
   rparams, rquery = steps.replicate(params), steps.replicate(query_params)
+  method_task = e2e_util.method_task(model, benchmark, 1)
 
   evaluators = {task_incremental: evaluation.Evaluator(
-      benchmark, model, query_model, options, cache_query_features=False, num_eval_steps=-1,
+      benchmark, model, query_model, cache_query_features=False, num_eval_steps=-1,
       task_incremental=task_incremental) for task_incremental in (False, True)}
   expected = {(False, 0): counts[0], (False, 1): 0, (True, 0): counts[0], (True, 1): counts[3]}
   for (task_incremental, eval_set), correct in expected.items():
-    result = evaluators[task_incremental].evaluate(rparams, rquery, eval_set)
+    result = evaluators[task_incremental].evaluate(rparams, rquery, eval_set, method_task)
     assert result["count"] == 72, (task_incremental, eval_set)
     assert result["accuracy"] == pytest.approx(100.0 * correct / 72), (task_incremental, eval_set)

@@ -16,6 +16,7 @@ from libml import gaussian_schedule
 from libml import input_pipeline
 from libml import preprocess
 from libml import record_sources
+from libml import validation
 from libml.errors import UserError
 from tests.data_fixtures import batches
 from tests.data_fixtures import pipeline_config
@@ -351,9 +352,10 @@ def test_subsample_rate_steps_cap_and_reverse_task():
     ({'decoded_train_mb': -1}, 'decoded_train_mb=-1 must be >= 0'),
 ])
 def test_bad_settings_are_one_line_user_errors(overrides, match):
+  """The data settings' check, which runs before the pipeline is built."""
   config = pipeline_config(overrides.pop('dataset', 'cifar100'), **overrides)
   with pytest.raises(UserError, match=match) as error:
-    _create(config)
+    validation.check_data(config)
   assert '\n' not in str(error.value)
 
 

@@ -248,13 +248,12 @@ def test_safetensors_that_is_not_a_vit(tmp_path):
 
 def test_loads_into_create_model_tree(tmp_path):
   """The loader fits the tree of the real model, including a resized grid."""
+  from configs import cifar100_dualprompt  # pylint: disable=g-import-not-at-top
   from models import factory  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(dict(
-      model_name='ViT-test', use_g_prompt=True, g_prompt_length=2,
-      g_prompt_layer_idx=[0, 1], use_prefix_tune_for_g_prompt=True,
-      use_e_prompt=True, e_prompt_layer_idx=[2, 3],
-      use_prefix_tune_for_e_prompt=True, prompt_pool=True,
-      prompt_pool_param=dict(pool_size=3, length=2, top_k=1)))
+  config = cifar100_dualprompt.get_config()
+  config.update_from_flattened_dict({
+      'model_name': 'ViT-test', 'g_prompt_length': 2, 'e_prompt_layer_idx': (2, 3),
+      'prompt_pool_param.pool_size': 3, 'prompt_pool_param.length': 2})
   model = factory.create_model(config, num_classes=10)
   # Shapes only: compiling the real initialiser would take most of the test.
   shapes = factory.param_shapes(model, input_size=48)

@@ -12,6 +12,7 @@ import pytest
 from models import factory
 from models import vit
 from models.prompted_vit import PromptedViT
+from tests import model_util
 
 TEST = vit.VARIANTS['ViT-test']
 D, H = TEST.hidden_size, TEST.num_heads
@@ -32,7 +33,7 @@ def _model(depth=TEST.num_layers, **kwargs) -> PromptedViT:
   faster."""
   return PromptedViT(
       hidden_size=D, patch_size=TEST.patch_size, num_layers=depth,
-      num_heads=H, mlp_dim=TEST.mlp_dim, num_classes=CLASSES, **kwargs)
+      num_heads=H, mlp_dim=TEST.mlp_dim, num_classes=CLASSES, **model_util.split(kwargs))
 
 
 @functools.lru_cache
@@ -346,17 +347,17 @@ def test_dropout_only_at_train_time():
 
 
 def test_only_prompts_keys_and_head_train_under_frozen_mask():
-  model = _dualprompt(depth=2, g_prompt_layers=(0,), e_prompt_layers=(1,))
+  model = _dualprompt(depth=2, g_prompt_layers=(0,), e_prompt_layers=(1,), use_prompt_mask=True)
   params = _random_params(model, seed=11)
   images, labels = _inputs(2), jnp.array([1, 3])
   queries = _queries_for(params, [0, 1], seed=11)
-  prompt_mask = jnp.array([[2], [2]], jnp.int32)
+  # Task 2's slot (top_k 1), forced in its first step.
+  task = {'prompt_ids': jnp.array([2], jnp.int32), 'mask_steps': jnp.int32(1), 'task_step': jnp.int32(0)}
 
   @fast_jit
   def grads(p):
     def loss_fn(p):
-      logits, aux = model.apply({'params': p}, images, queries,
-                                prompt_mask=prompt_mask, train=True)
+      logits, aux = model.apply({'params': p}, images, queries, task=task, train=True)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       return ce.mean() - 0.5 * aux['reduce_sim']
     return jax.grad(loss_fn)(p)

@@ -2,10 +2,10 @@
 
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import digits_l2p
 from libml import reporting
 
 NAN = np.nan
@@ -72,14 +72,15 @@ def test_text_log_gets_a_short_hparams_line_and_no_timing_scalars(tmp_path, capl
 
 def test_results_json_holds_percent_and_says_so(tmp_path):
   matrix = np.array([[80.0, 60.0], [NAN, 90.0]])
-  config = ml_collections.ConfigDict({"dataset": "digits"})
+  config = digits_l2p.get_config("tiny")
   path = reporting.write_results(str(tmp_path), matrix, config, {"avg_acc": 75.0, "forgetting": 20.0})
   with open(path) as f:
     doc = json.load(f)
   assert doc["accuracy_unit"] == "percent"
   assert doc["accuracy_matrix"] == [[80.0, 60.0], [None, 90.0]]
   assert doc["avg_acc"] == 75.0 and doc["forgetting"] == 20.0
-  assert doc["config"] == {"dataset": "digits"}
+  assert doc["config"] == json.loads(config.to_json_best_effort())
+  assert doc["config"]["dataset"] == "digits" and doc["config"]["continual"]["num_tasks"] == 2
   assert not (tmp_path / "results.json.tmp").exists()
 
 

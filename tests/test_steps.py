@@ -20,9 +20,11 @@ NUM_CLASSES = 6
 class FakeModel(nn.Module):
   """Linear model whose parameters are named like PromptedViT's (embedding frozen, head trained)."""
   use_frozen: bool = True
+  needs_query = False  # As PromptedViT's properties for a model without a query or method.
+  method = None
 
   @nn.compact
-  def __call__(self, images, cls_features=None, prompt_mask=None, vote_mask=None, train=False):
+  def __call__(self, images, cls_features=None, task=None, vote_mask=None, train=False):
     x = images.reshape(images.shape[0], -1)
     h = nn.Dense(4, name="embedding")(x) if self.use_frozen else x[:, :4]
     prompt = self.param("e_prompt", nn.initializers.normal(1.0), (4,))  # trainable, in the loss
@@ -39,9 +41,8 @@ def _config(**overrides):
 
 
 def _options(**kw):
-  base = dict(needs_query=False, pull_coeff=0.0, train_mask=True, clip_mode="full", freeze_part=("embedding",),
-              base_lr=0.1, min_lr=0.0, schedule="constant", warmup_epochs=0.0, l2_coeff=0.0, pool_size=0,
-              use_prompt_mask=False)
+  base = dict(train_mask=True, clip_mode="full", freeze_part=("embedding",), base_lr=0.1, min_lr=0.0,
+              schedule="constant", warmup_epochs=0.0, l2_coeff=0.0)
   base.update(kw)
   return steps.StepOptions(**base)
 
@@ -55,8 +56,8 @@ def _run(model, options, config, num_steps=3, class_ids=(2, 3)):
   state = steps.replicate(train_state.create(params, tx))
   class_mask = np.zeros([NUM_CLASSES], bool)
   class_mask[list(class_ids)] = True
-  task = steps.replicate({"class_mask": class_mask, "prompt_ids": np.zeros([1], np.int32),
-                                   "steps_per_epoch": np.float32(5), "num_epochs": np.float32(2)})
+  task = steps.replicate({"class_mask": class_mask, "method": {}, "steps_per_epoch": np.float32(5),
+                          "num_epochs": np.float32(2)})
   step = jax.pmap(functools.partial(steps.train_step, model=model, query_model=model, tx=tx, options=options),
                   axis_name=steps.AXIS)
   for _ in range(num_steps):
@@ -170,21 +171,27 @@ def test_sgd_is_nesterov_momentum():
 
 
 class PullModel(nn.Module):
-  """FakeModel plus a trainable key whose similarity to the batch's mean feature is `reduce_sim`."""
+  """FakeModel plus a trainable key whose similarity to the batch's mean feature is `reduce_sim`;
+  its auxiliary loss is L2P's pull constraint, -coeff x reduce_sim."""
+  coeff: float
+  needs_query = False
+  method = None
 
   @nn.compact
-  def __call__(self, images, cls_features=None, prompt_mask=None, vote_mask=None, train=False):
+  def __call__(self, images, cls_features=None, task=None, vote_mask=None, train=False):
     h = nn.Dense(4, name="embedding")(images.reshape(images.shape[0], -1))
     key = self.param("e_prompt", nn.initializers.normal(1.0), (4,))
     logits = nn.Dense(NUM_CLASSES, name="head")(h)
-    return logits, {"pre_logits": h, "reduce_sim": jnp.sum(key * jnp.mean(h, 0))}
+    reduce_sim = jnp.sum(key * jnp.mean(h, 0))
+    return logits, {"pre_logits": h, "reduce_sim": reduce_sim, "prompt_loss": -self.coeff * reduce_sim}
 
 
-def test_pull_constraint_is_subtracted_from_the_loss():
+def test_the_models_prompt_loss_is_added_and_its_scalars_logged():
   coeff = 0.7
-  model = PullModel()
-  params, state, metrics = _run(model, _options(pull_coeff=coeff, clip_mode="trainable"),
-                                _config(grad_clip_max_norm=0.0), num_steps=1)
+  model = PullModel(coeff)
+  params, state, metrics = _run(model, _options(clip_mode="trainable"), _config(grad_clip_max_norm=0.0),
+                                num_steps=1)
+  assert "prompt_loss" not in metrics  # Added to the loss, not logged on its own.
   # Loss and reduce_sim of each device's half of the batch at the initial parameters, then averaged.
   images, labels = _batch()
   losses, sims = [], []
@@ -255,6 +262,11 @@ def test_learning_rate_schedules_as_the_original():
   assert float(at(49, schedule="linear", warmup_epochs=1.0, min_lr=0.1)) == pytest.approx(0.1)
   assert float(at(0, schedule="linear", warmup_epochs=1.0, min_lr=0.5)) == pytest.approx(0.1)
   assert optim.base_learning_rate(ml_collections.ConfigDict({"learning_rate": 0.03}), 128) == pytest.approx(0.015)
+  # CODA-Prompt's per-epoch schedule, GT-RIPL/CODA-Prompt utils/schedulers.py: in epoch e of K,
+  # base x cos(99 pi e / (200 (K - 1))).
+  for step, epoch in ((0, 0), (9, 0), (10, 1), (29, 2), (49, 4)):
+    want = np.cos(99 * np.pi * epoch / (200 * (5 - 1)))
+    assert float(at(step, schedule="coda_cosine", warmup_epochs=0.0)) == pytest.approx(want, abs=1e-6), step
 
 
 def test_l2_loss_term_counts_every_weight_of_rank_two_or_more():
@@ -263,19 +275,6 @@ def test_l2_loss_term_counts_every_weight_of_rank_two_or_more():
   assert float(optim.l2_loss(params)) == 6 * 4.0 + 8 * 1.0  # biases (rank 1) are left out
   coeff = lambda name: optim.l2_loss_coeff(ml_collections.ConfigDict({"optim": name, "weight_decay": 0.01}))
   assert coeff("adam") == coeff("sgd") == 0.005 and coeff("adamw") == 0.0
-
-
-def test_shared_prompt_pool_transfer():
-  prompt = jnp.arange(6 * 2, dtype=jnp.float32).reshape(6, 2)
-  key = jnp.arange(6 * 3, dtype=jnp.float32).reshape(6, 3)
-  params = {"e_prompt": {"prompt": prompt, "key": key}, "head": {"bias": jnp.zeros(2)}}
-  out = train_state.transfer_prompt_slots(params, task=2, top_k=2, copy_prompt=True, copy_key=False)
-  expected = np.asarray(prompt).copy()
-  expected[4:6] = expected[2:4]
-  np.testing.assert_array_equal(out["e_prompt"]["prompt"], expected)
-  np.testing.assert_array_equal(out["e_prompt"]["key"], key)
-  same = train_state.transfer_prompt_slots(params, task=0, top_k=2, copy_prompt=True, copy_key=True)
-  np.testing.assert_array_equal(same["e_prompt"]["prompt"], prompt)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])

@@ -104,19 +104,22 @@ def test_prompt_mask_beyond_the_pool_falls_back_to_key_matching(tmp_path, monkey
   # task 1 selects by key matching, as the original, with a warning (not a refusal).
   config = e2e_util.tiny_digits_config(**{"prompt_pool_param.use_prompt_mask": True,
                                           "prompt_pool_param.pool_size": 3, "prompt_pool_param.top_k": 2})
-  calls = []
+  forced = []  # Per train step: the steps of its task that force the task's prompt ids.
   original_init = train_continual._Runner.__init__
 
-  def counting_init(self, *args, **kwargs):
+  def recording_init(self, *args, **kwargs):
     original_init(self, *args, **kwargs)
-    for name in ("train_step", "unmasked_train_step"):
-      fn = getattr(self, name)
-      setattr(self, name, lambda *a, _fn=fn, _name=name: (calls.append(_name), _fn(*a))[1])
+    fn = self.train_step
 
-  monkeypatch.setattr(train_continual._Runner, "__init__", counting_init)
+    def step(rstate, batch, query_params, task, rng):
+      forced.append(int(np.asarray(task["method"]["mask_steps"])[0]))
+      return fn(rstate, batch, query_params, task, rng)
+    self.train_step = step
+
+  monkeypatch.setattr(train_continual._Runner, "__init__", recording_init)
   with caplog.at_level("WARNING"):
     train_continual.train_and_evaluate(config, str(tmp_path / "run"))
-  assert calls == ["train_step"] * 4 + ["unmasked_train_step"] * 4
+  assert forced == [4] * 4 + [0] * 4
   assert any("prompt ids 2..3 are outside pool_size=3" in r.getMessage() for r in caplog.records)
 
 

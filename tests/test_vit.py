@@ -9,10 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from libml.errors import UserError
+from configs import cifar100_dualprompt
 from models import factory
 from models import vit
+from models.methods import dualprompt
+from models.methods import l2p
 from models.prompted_vit import PromptedViT
+from tests import model_util
 
 # Counts of the original release with a 1000-class head, 224x224 input.
 PINNED_COUNTS = {
@@ -56,7 +59,7 @@ def _plain(name, classes=1000, **kwargs):
   return PromptedViT(
       hidden_size=v.hidden_size, patch_size=v.patch_size,
       num_layers=v.num_layers, num_heads=v.num_heads, mlp_dim=v.mlp_dim,
-      num_classes=classes, **kwargs)
+      num_classes=classes, **model_util.split(kwargs))
 
 
 @pytest.mark.parametrize('name', sorted(PINNED_COUNTS))
@@ -79,7 +82,7 @@ def test_variant_table():
 
 
 def test_unknown_variant_lists_valid_names():
-  with pytest.raises(UserError) as err:
+  with pytest.raises(ValueError) as err:
     vit.get_variant('ViT-X_99')
   message = str(err.value)
   assert 'ViT-X_99' in message and 'ViT-B_16' in message
@@ -160,19 +163,10 @@ def test_prompt_names_escape_freezing_substrings():
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
-  """DualPrompt-style settings on the tiny model."""
-  config = ml_collections.ConfigDict(dict(
-      model_name='ViT-test', per_device_batch_size=4, vit_classifier='token',
-      use_cls_token=True, norm_pre_logits=False, temperature=1.0,
-      use_g_prompt=True, g_prompt_length=5, g_prompt_layer_idx=[0, 1],
-      use_prefix_tune_for_g_prompt=True, use_e_prompt=True,
-      e_prompt_layer_idx=[2, 3, 4], use_prefix_tune_for_e_prompt=True,
-      prompt_pool=True, dtype='float32', attention_impl='xla',
-      dropout_rate=0.0))
-  config.prompt_pool_param = ml_collections.ConfigDict(dict(
-      pool_size=10, length=5, top_k=1, initializer='uniform',
-      prompt_key=True, prompt_key_init='uniform', batchwise_prompt=True,
-      batchwise_prompt_at_test=True, embedding_key='cls'))
+  """The DualPrompt config on the tiny model, 4 images a device."""
+  config = cifar100_dualprompt.get_config()
+  config.model_name = 'ViT-test'
+  config.per_device_batch_size = 4
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -182,27 +176,30 @@ def test_create_model_reads_the_config():
       _config(dtype='bfloat16', attention_impl='fused', temperature=2.0,
               **{'prompt_pool_param.batchwise_prompt_at_test': False}), 7)
   assert (model.hidden_size, model.num_layers, model.num_classes) == (32, 6, 7)
-  assert model.use_g_prompt and model.g_prompt_layers == (0, 1)
-  assert model.g_prompt_prefix and model.g_prompt_length == 5
-  assert model.use_e_prompt and model.e_prompt_layers == (2, 3, 4)
-  assert model.e_prompt_prefix and model.pool_size == 10
-  assert (model.prompt_length, model.top_k) == (5, 1)
-  assert model.batchwise_prompt and not model.batchwise_prompt_at_test
-  assert model.vote_group_size == 4
+  method = model.method
+  assert isinstance(method, dualprompt.DualPrompt)
+  assert method.use_g_prompt and method.g_layers == (0, 1)
+  assert method.g_prefix and method.g_length == 5
+  assert method.use_e_prompt and method.layers == (2, 3, 4)
+  assert method.prefix and method.pool_size == 10
+  assert (method.length, method.top_k) == (5, 1)
+  assert method.batchwise_prompt and not method.batchwise_prompt_at_test
+  assert method.vote_group_size == 4
+  assert method.use_prompt_mask and method.shared_prompt_pool and method.pull_coeff == 1.0
   assert model.dtype == jnp.bfloat16 and model.attention_impl == 'fused'
   assert model.temperature == 2.0
 
 
 def test_create_model_l2p_and_plain():
-  l2p = factory.create_model(
-      _config(use_g_prompt=False, e_prompt_layer_idx=[0],
+  model = factory.create_model(
+      _config(method='l2p', use_g_prompt=False, e_prompt_layer_idx=(0,),
               use_prefix_tune_for_e_prompt=False, vit_classifier='prompt',
               **{'prompt_pool_param.top_k': 5}), 10)
-  assert not l2p.use_g_prompt and not l2p.e_prompt_prefix
-  assert l2p.classifier == 'prompt' and l2p.total_prompt_len == 25
-  plain = factory.create_model(
-      ml_collections.ConfigDict({'model_name': 'ViT-test'}), 10)
-  assert not plain.use_e_prompt and not plain.use_g_prompt
+  assert type(model.method) is l2p.L2P  # pylint: disable=unidiomatic-typecheck
+  assert not model.method.prefix
+  assert model.classifier == 'prompt' and model.total_prompt_len == 25
+  plain = factory.create_model(_config(method='none', vit_classifier='token'), 10)
+  assert plain.method is None and not plain.needs_query
   assert plain.classifier == 'token' and plain.dtype == jnp.float32
 
 
@@ -210,7 +207,7 @@ def test_query_model_has_no_prompts():
   query = factory.create_query_model(
       _config(vit_classifier='prompt', norm_pre_logits=True, temperature=3.0),
       10)
-  assert not query.use_e_prompt and not query.use_g_prompt
+  assert query.method is None
   assert query.classifier == 'token' and not query.norm_pre_logits
   assert query.temperature == 1.0 and query.hidden_size == 32
   names = set(_shapes(query, 32))
@@ -232,9 +229,12 @@ def test_query_model_has_no_prompts():
     ({'model_name': 'ViT-Q_3'}, 'ViT-B_16'),
     ({'dtype': 'float16'}, 'dtype'),
     ({'attention_impl': 'flash'}, 'attention_impl'),
+    ({'method': 'l2p'}, "method='dualprompt'"),
+    ({'method': 'l2q'}, 'Unknown method'),
+    ({'use_g_prompt': False, 'use_e_prompt': False}, "method='none'"),
 ])
-def test_bad_config_raises_one_line_user_error(overrides, needle):
-  with pytest.raises(UserError) as err:
+def test_bad_config_raises_one_line_value_error(overrides, needle):
+  with pytest.raises(ValueError) as err:
     factory.create_model(_config(**overrides), 10)
   assert needle in str(err.value) and '\n' not in str(err.value)
 
@@ -278,7 +278,7 @@ def _fill(shapes, seed):
 def test_vit_b16_forward_at_224(method):
   if method == 'l2p':
     config = _config(
-        model_name='ViT-B_16', use_g_prompt=False, e_prompt_layer_idx=[0],
+        model_name='ViT-B_16', method='l2p', use_g_prompt=False, e_prompt_layer_idx=(0,),
         use_prefix_tune_for_e_prompt=False, vit_classifier='prompt',
         **{'prompt_pool_param.top_k': 5})
   else:

@@ -7,6 +7,7 @@ an entry in METHODS, its configs and its tests.
 from typing import Optional
 
 from models.methods import base
+from models.methods import coda
 from models.methods import dualprompt
 from models.methods import l2p
 
@@ -14,6 +15,7 @@ METHODS = {
     'none': None,
     'l2p': l2p.L2P,
     'dualprompt': dualprompt.DualPrompt,
+    'coda': coda.CodaPrompt,
 }
 
 

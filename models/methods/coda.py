@@ -92,8 +92,6 @@ class CodaPrompt(base.PromptMethod):
     if self.length < 2 or self.length % 2:
       raise ValueError(f'coda_prompt_param.length={self.length} must be even and >= 2 (half the '
                        'tokens extend the keys, half the values); fix the config.')
-    if self.num_tasks < 1:
-      raise ValueError(f'continual.num_tasks={self.num_tasks} must be >= 1.')
     if self.pool_size < self.num_tasks or self.pool_size % self.num_tasks:
       raise ValueError(f'coda_prompt_param.pool_size={self.pool_size} must be a positive multiple of '
                        f'continual.num_tasks={self.num_tasks}, since each task adds '
@@ -246,5 +244,5 @@ def gram_schmidt(vectors: np.ndarray, start: int, draws: np.ndarray) -> np.ndarr
     usable = norm_sq >= _TINY_SQ
     coef = np.where(usable, basis @ draws[k - start] / np.where(usable, norm_sq, 1.0), 0.0)
     out[k] = draws[k - start] - coef @ basis
-  out /= np.linalg.norm(out, axis=1, keepdims=True)
+  out[start:stop] /= np.linalg.norm(out[start:stop], axis=1, keepdims=True)
   return out

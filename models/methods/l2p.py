@@ -170,6 +170,11 @@ def pool_fields(config) -> dict[str, Any]:
   if not config.prompt_pool:
     raise ValueError('The E-Prompts are drawn from the keyed pool; set prompt_pool=True.')
   pool = config.prompt_pool_param
+  if pool.vote_group_size > 0 and config.per_device_batch_size % pool.vote_group_size:
+    # As the original's per-device vote: the groups tile each device's batch.
+    raise ValueError(f'prompt_pool_param.vote_group_size={pool.vote_group_size} does not divide '
+                     f'per_device_batch_size={config.per_device_batch_size}: the vote groups must tile '
+                     "each device's batch; choose a divisor, or -1 for one group per device.")
   return dict(
       pool_size=pool.pool_size, length=pool.length, top_k=pool.top_k,
       layers=block_indices(config.e_prompt_layer_idx), prefix=config.use_prefix_tune_for_e_prompt,
