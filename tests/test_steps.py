@@ -6,10 +6,10 @@ import flax.jax_utils
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from libml import optim
 from libml import steps
 from libml import train_state
@@ -34,8 +34,9 @@ class FakeModel(nn.Module):
 
 
 def _config(**overrides):
-  c = ml_collections.ConfigDict(dict(optim="adam", sgd_momentum=0.9, weight_decay=0.0, grad_clip_max_norm=1.0,
-                                     freeze_part=("encoder", "embedding", "cls"), learning_rate=0.1))
+  """The base config's optimizer (Adam, clipping at norm 1, no weight decay) at rate 0.1."""
+  c = common.get_base_config()
+  c.learning_rate = 0.1
   c.update(overrides)
   return c
 
@@ -261,7 +262,7 @@ def test_learning_rate_schedules_as_the_original():
   # min_learning_rate floors the rate once warm, not during the warm-up.
   assert float(at(49, schedule="linear", warmup_epochs=1.0, min_lr=0.1)) == pytest.approx(0.1)
   assert float(at(0, schedule="linear", warmup_epochs=1.0, min_lr=0.5)) == pytest.approx(0.1)
-  assert optim.base_learning_rate(ml_collections.ConfigDict({"learning_rate": 0.03}), 128) == pytest.approx(0.015)
+  assert optim.base_learning_rate(_config(learning_rate=0.03), 128) == pytest.approx(0.015)
   # CODA-Prompt's per-epoch schedule, GT-RIPL/CODA-Prompt utils/schedulers.py: in epoch e of K,
   # base x cos(99 pi e / (200 (K - 1))).
   for step, epoch in ((0, 0), (9, 0), (10, 1), (29, 2), (49, 4)):
@@ -273,7 +274,7 @@ def test_l2_loss_term_counts_every_weight_of_rank_two_or_more():
   params = {"frozen": {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.full((3,), 5.0)},
             "prompt": jnp.ones((2, 2, 2))}
   assert float(optim.l2_loss(params)) == 6 * 4.0 + 8 * 1.0  # biases (rank 1) are left out
-  coeff = lambda name: optim.l2_loss_coeff(ml_collections.ConfigDict({"optim": name, "weight_decay": 0.01}))
+  coeff = lambda name: optim.l2_loss_coeff(_config(optim=name, weight_decay=0.01))
   assert coeff("adam") == coeff("sgd") == 0.005 and coeff("adamw") == 0.0
 
 

@@ -84,7 +84,7 @@ def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, mo
 def _run_subprocess(workdir, num_devices, per_device_batch, vote_group):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--my_config", os.path.join(ROOT, "tests/tiny_digits.py"),
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--my_config", os.path.join(ROOT, "configs/digits_l2p.py") + ":tiny",
          f"--workdir={workdir}", "--my_config.continual.num_train_steps_per_task=3", f"--my_config.per_device_batch_size={per_device_batch}",
          f"--my_config.prompt_pool_param.vote_group_size={vote_group}"]
   subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
