@@ -1,7 +1,6 @@
 """Tests for libml.pretrained: file formats, names, resizing, errors."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy

@@ -11,7 +11,7 @@ ones, and an optional penalty keeps the components orthogonal while training.
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
