@@ -295,3 +295,20 @@ def test_a_run_freezes_the_first_tasks_components_and_evaluates_with_all_it_trai
     first, second = after_task[0][name], after_task[1][name]
     np.testing.assert_array_equal(second[:4], first[:4], err_msg=name)  # task 0's, frozen in task 1
     assert np.all(np.any(second[4:] != first[4:], axis=tuple(range(1, first.ndim)))), name  # re-drawn, trained
+
+
+@pytest.mark.parametrize('name,dataset,per_task,epochs', [('cifar100_coda', 'cifar100', 10, 20),
+                                                          ('imr_coda', 'imagenet_r', 20, 50)])
+def test_configs_hold_the_official_settings(name, dataset, per_task, epochs):
+  """GT-RIPL/CODA-Prompt experiments/*.sh (--prompt_param 100 8 0.0) and configs/*_prompt.yaml."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.method == 'coda' and config.dataset == dataset
+  assert (config.continual.num_tasks, config.continual.num_classes_per_task) == (10, per_task)
+  param = config.coda_prompt_param
+  assert (param.pool_size, param.length, tuple(param.layer_idx), param.ortho_mu) == (100, 8, (0, 1, 2, 3, 4), 0.0)
+  assert config.optim == 'adam' and config.weight_decay == 0.0 and config.num_epochs == epochs
+  # Adam at 0.001 for the official global batch of 128 (8 devices x 16 here).
+  assert config.per_device_batch_size * 8 == 128 and config.learning_rate * 128 / 256 == 0.001
+  assert config.learning_rate_schedule == 'coda_cosine' and config.vit_classifier == 'token'
+  assert tuple(config.freeze_part) == ('encoder', 'embedding', 'cls') and config.reinit_optimizer

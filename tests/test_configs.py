@@ -26,6 +26,8 @@ CONFIG_NAMES = tuple(sorted(
     if os.path.basename(path) not in ("__init__.py", "common.py", "baselines.py")))
 ORIGINAL_CONFIGS = ("cifar100_l2p", "five_datasets_l2p", "core50_l2p", "cifar100_gaussian_l2p",
                     "imr_dualprompt", "cifar100_dualprompt")
+# The benchmark configs that run end to end here: the original's and CODA-Prompt's.
+RUN_CONFIGS = ORIGINAL_CONFIGS + ("cifar100_coda", "imr_coda")
 
 
 # The original's six config files, evaluated: every field that changes a result, per config in
@@ -132,7 +134,7 @@ def _tiny(name: str):
 
 
 def _mock(name: str):
-  if name == "imr_dualprompt":
+  if name.startswith("imr_"):
     rng = np.random.default_rng(0)
     ids = np.sort(rng.choice(1000, 200, replace=False))  # the ImageNet-1k ids of ImageNet-R
     labels = rng.permutation(np.arange(500) % 200)
@@ -141,8 +143,8 @@ def _mock(name: str):
   return tfds.testing.mock_data(num_examples=200, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
-@pytest.mark.parametrize("name", ORIGINAL_CONFIGS)
-def test_original_config_trains_and_evaluates(name, tmp_path):
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_benchmark_config_trains_and_evaluates(name, tmp_path):
   workdir = str(tmp_path / name)
   with _mock(name):
     out = train_continual.train_and_evaluate(_tiny(name), workdir)
