@@ -44,7 +44,15 @@ def _initial_params(config, model, query_model, rng):
   return params, {k: params[k] for k in query_keys}
 
 
-def _task_arrays(benchmark, task: int, model) -> dict:
+def _method_arrays(benchmark, task: int, model) -> dict:
+  """The prompt method's arrays for `task` (`PromptMethod.task_arrays`; {} without a method)."""
+  if model.method is None:
+    return {}
+  return model.method.task_arrays(task, steps_per_epoch=benchmark.steps_per_epoch(task),
+                                  num_steps=benchmark.num_train_steps(task))
+
+
+def _task_arrays(benchmark, task: int, method_arrays: dict) -> dict:
   """Per-task arrays of the train step (replicated once per task): the class mask, the
   schedule's lengths and the prompt method's arrays."""
   class_mask = np.zeros([benchmark.num_classes], bool)
@@ -54,8 +62,7 @@ def _task_arrays(benchmark, task: int, model) -> dict:
       "class_mask": class_mask,
       "steps_per_epoch": np.float32(per_epoch),
       "num_epochs": np.float32(total / per_epoch),
-      "method": {} if model.method is None else model.method.task_arrays(
-          task, num_tasks=benchmark.num_tasks, steps_per_epoch=per_epoch, num_steps=total),
+      "method": method_arrays,
   }
 
 
@@ -85,6 +92,7 @@ class _Runner:
     self.config, self.benchmark, self.stop = config, benchmark, stop
     global_batch = config.per_device_batch_size * jax.device_count()
     self.model = model = factory.create_model(config, benchmark.num_classes)
+    self._method_arrays = {}
     query_model = factory.create_query_model(config, benchmark.num_classes)
     rng = jax.random.PRNGKey(config.seed + config.trial)
     init_rng, self.dropout_rng = jax.random.split(rng)
@@ -131,10 +139,16 @@ class _Runner:
       task, step = task - 1, self.benchmark.num_train_steps(task - 1)
     return task, step
 
+  def method_arrays(self, task: int) -> dict:
+    """The prompt method's arrays for `task`, made once (train steps and evaluations share them)."""
+    if task not in self._method_arrays:
+      self._method_arrays[task] = _method_arrays(self.benchmark, task, self.model)
+    return self._method_arrays[task]
+
   def evaluate(self, rstate, eval_sets, task: int) -> dict[int, dict]:
     """Evaluates the replicated state during or after `task` on `eval_sets`."""
-    method_task = _task_arrays(self.benchmark, task, self.model)["method"]
-    return {i: self.evaluator.evaluate(rstate.params, self.query_params, i, method_task) for i in eval_sets}
+    method_arrays = self.method_arrays(task)
+    return {i: self.evaluator.evaluate(rstate.params, self.query_params, i, method_arrays) for i in eval_sets}
 
   @property
   def histograms(self) -> bool:
@@ -170,7 +184,7 @@ class _Runner:
     logging.info("Task %d: steps %d..%d of %d (classes %s).", task, start, total, total,
                  benchmark.class_masks[task].tolist())
     per_epoch = benchmark.steps_per_epoch(task)
-    task_arrays = steps.replicate(_task_arrays(benchmark, task, self.model))
+    task_arrays = steps.replicate(_task_arrays(benchmark, task, self.method_arrays(task)))
     dropout_rng = steps.replicate(self.dropout_rng)
     rstate = steps.replicate(self.state)
     batches = steps.device_batches(iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))))

@@ -3,8 +3,10 @@
 Convention:
 - Only matrix products count. One multiply-add is 2 FLOPs, so an [m, k] x [k, n]
   product costs 2*m*n*k. Layer norms, softmax, GELU, residual adds, the prompt
-  pool's key matching ([D] x [D, pool] per image) and the optimizer update are
-  left out; together they are well under 1% of a ViT-B/16 step.
+  pool's key matching ([D] x [D, pool] per image), CODA-Prompt's component
+  weighting and mixing (about pool x L x (3 D + length x D) per image) and the
+  optimizer update are left out; together they are well under 1% of a ViT-B/16
+  step.
 - Forward pass of one image with N patches of side p, width D, MLP width M:
   patch embedding 2*N*(p*p*3)*D; per block with T query tokens and S key tokens,
   q/k/v projections 3 * 2*T*D*D, scores QK^T 2*T*S*D, weighted values AV 2*T*S*D,
@@ -94,7 +96,7 @@ def prompt_layout(model) -> PromptLayout:
   prefix = [0] * model.num_layers
   if model.method is not None:
     width = model.hidden_size
-    task = model.method.task_arrays(0, num_tasks=1, steps_per_epoch=1, num_steps=1)
+    task = model.method.task_arrays(0, steps_per_epoch=1, num_steps=1)
     host = _MethodHost(model.method, model.dims)
     shapes, _ = jax.eval_shape(
         lambda: host.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 1, width)), jnp.zeros((1, width)),

@@ -181,7 +181,7 @@ class Bench:
     self.eval_batch = {k: v for k, v in self.batch.items() if k not in ("crop", "flip")}
     method = self.model.method
     self.method_task = {} if method is None else method.task_arrays(
-        0, num_tasks=1, steps_per_epoch=warmup + num_steps, num_steps=warmup + num_steps)
+        0, steps_per_epoch=warmup + num_steps, num_steps=warmup + num_steps)
     self.task = steps.replicate({
         "class_mask": np.arange(num_classes) < task_classes, "method": self.method_task,
         "steps_per_epoch": np.float32(warmup + num_steps), "num_epochs": np.float32(1)})

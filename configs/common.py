@@ -191,7 +191,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sgd_momentum = 0.9
   # Scaled by global_batch / 256.
   config.learning_rate = 0.03
-  # "constant", "cosine" or "linear" (decay over the task's epochs after the warm-up).
+  # "constant", "cosine" or "linear" (decay over the task's epochs after the warm-up), or
+  # "coda_cosine" (CODA-Prompt's per-epoch quarter cosine; see optim.learning_rate_at).
   config.learning_rate_schedule = "constant"
   # Linear warm-up over this many epochs of each task (must be < num_epochs).
   config.warmup_epochs = 0

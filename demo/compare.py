@@ -1,6 +1,6 @@
-r"""L2P and DualPrompt against the papers' baselines on the embedded digits benchmark.
+r"""L2P, DualPrompt and CODA-Prompt against the papers' baselines on the embedded digits benchmark.
 
-  python -m demo.compare                      # 5 methods x seeds 0, 1, 2
+  python -m demo.compare                      # 6 methods x seeds 0, 1, 2
   python -m demo.compare --seeds 0 --methods l2p ft_seq
 
 Runs each method's digits config (`configs/digits_<method>.py`, all from the shipped

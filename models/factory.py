@@ -66,7 +66,7 @@ def _dummy_task(model: PromptedViT):
   """Task 0's arrays of the model's method (their shapes are the same for every task)."""
   if model.method is None:
     return None
-  return model.method.task_arrays(0, num_tasks=1, steps_per_epoch=1, num_steps=1)
+  return model.method.task_arrays(0, steps_per_epoch=1, num_steps=1)
 
 
 def init_params(model: PromptedViT, rng: jax.Array,

@@ -60,7 +60,7 @@ def snapshot(directory: str) -> dict[str, bytes]:
 
 def method_task(model, benchmark, task: int) -> dict:
   """The prompt method's arrays for `task`, which the loop passes the evaluator after it."""
-  return train_continual._task_arrays(benchmark, task, model)["method"]  # pylint: disable=protected-access
+  return train_continual._method_arrays(benchmark, task, model)  # pylint: disable=protected-access
 
 
 def evaluator_setup(config, benchmark):

@@ -180,7 +180,7 @@ def test_count_matches_the_products_of_the_real_train_step(method, clip_mode):
   batch = {"image": spec((4, 32, 32, 3), jnp.float32), "label": spec((4,), jnp.int32)}
   task = {"class_mask": spec((NUM_CLASSES,), bool), "steps_per_epoch": spec((), jnp.float32),
           "num_epochs": spec((), jnp.float32),
-          "method": model.method.task_arrays(0, num_tasks=1, steps_per_epoch=1, num_steps=1)}
+          "method": model.method.task_arrays(0, steps_per_epoch=1, num_steps=1)}
   step = functools.partial(steps.train_step, model=model, query_model=query_model, tx=tx,
                            options=steps.StepOptions.from_config(config, 4, clip_mode))
   jaxpr = jax.make_jaxpr(step, axis_env=[(steps.AXIS, 1)])(

@@ -43,7 +43,7 @@ def _params(method, seed=1):
   """Host parameters with normal (not uniform) values, so that weights take both signs."""
   x_embed, query = _inputs()
   shapes = jax.eval_shape(Host(method, train=False).init, jax.random.PRNGKey(0), x_embed, query,
-                          method.task_arrays(0, num_tasks=TASKS, steps_per_epoch=1, num_steps=1))
+                          method.task_arrays(0, steps_per_epoch=1, num_steps=1))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes['params'])
 
@@ -84,7 +84,7 @@ def test_prefixes_match_numpy(train):
   method = _method()
   params = _params(method)
   _, query = _inputs()
-  task = method.task_arrays(1, num_tasks=TASKS, steps_per_epoch=1, num_steps=1)
+  task = method.task_arrays(1, steps_per_epoch=1, num_steps=1)
   assert (int(task['num_frozen']), int(task['num_active'])) == (2, 4)
   got = _apply(method, train)(params, query, task)
   want = _reference_prefixes(params, query, active=4)
@@ -100,7 +100,7 @@ def test_components_beyond_the_task_have_no_effect():
   method = _method()
   params = _params(method)
   _, query = _inputs()
-  task = method.task_arrays(1, num_tasks=TASKS, steps_per_epoch=1, num_steps=1)
+  task = method.task_arrays(1, steps_per_epoch=1, num_steps=1)
   changed = jax.tree.map(lambda x: x.copy(), params)
   for value in changed['e_prompt'].values():
     value[4:] = 100.0 * np.random.default_rng(7).standard_normal(value[4:].shape)
@@ -118,7 +118,7 @@ def test_gradients_of_frozen_and_later_components_are_zero(ortho_mu):
   method = _method(ortho_mu=ortho_mu)
   params = _params(method)
   _, query = _inputs()
-  task = method.task_arrays(1, num_tasks=TASKS, steps_per_epoch=1, num_steps=1)
+  task = method.task_arrays(1, steps_per_epoch=1, num_steps=1)
   host = Host(method, train=True)
 
   def objective(p):
@@ -141,7 +141,7 @@ def test_ortho_penalty_matches_numpy():
   params = _params(method)
   _, query = _inputs()
   for task_id, active in ((0, 2), (1, 4), (2, 6)):
-    task = method.task_arrays(task_id, num_tasks=TASKS, steps_per_epoch=1, num_steps=1)
+    task = method.task_arrays(task_id, steps_per_epoch=1, num_steps=1)
     out = _apply(method, True)(params, query, task)
     want = _reference_penalty(params, active)
     np.testing.assert_allclose(out.aux['ortho_penalty'], want, rtol=1e-5)
@@ -160,7 +160,7 @@ def _flat(params, name):
 def _uniform_params(method, seed=3):
   host = Host(method, train=False)
   x_embed, query = _inputs()
-  task = method.task_arrays(0, num_tasks=TASKS, steps_per_epoch=1, num_steps=1)
+  task = method.task_arrays(0, steps_per_epoch=1, num_steps=1)
   params = jax.jit(host.init)(jax.random.PRNGKey(seed), x_embed, query, task)['params']
   return {**jax.tree.map(np.asarray, params), 'head': {'kernel': np.ones((2, 2), np.float32)}}
 
@@ -270,7 +270,7 @@ def test_check_accepts_a_valid_setting_and_from_config_reads_the_fields():
   assert method == _method() and isinstance(method.ortho_mu, float)
   hash(method)
   with pytest.raises(ValueError):
-    method.task_arrays(3, num_tasks=3, steps_per_epoch=1, num_steps=1)
+    method.task_arrays(3, steps_per_epoch=1, num_steps=1)
 
 
 def test_a_run_freezes_the_first_tasks_components_and_evaluates_with_all_it_trained(tmp_path):
@@ -311,4 +311,13 @@ def test_configs_hold_the_official_settings(name, dataset, per_task, epochs):
   # Adam at 0.001 for the official global batch of 128 (8 devices x 16 here).
   assert config.per_device_batch_size * 8 == 128 and config.learning_rate * 128 / 256 == 0.001
   assert config.learning_rate_schedule == 'coda_cosine' and config.vit_classifier == 'token'
+  assert config.grad_clip_max_norm == 0.0  # The official code does not clip.
   assert tuple(config.freeze_part) == ('encoder', 'embedding', 'cls') and config.reinit_optimizer
+
+
+@pytest.mark.parametrize('field,value', [('reinit_optimizer', False), ('weight_decay', 1e-4)])
+def test_settings_that_would_move_frozen_components_are_refused(field, value):
+  config = cifar100_coda.get_config()
+  config[field] = value
+  with pytest.raises(ValueError, match='reinit_optimizer=True and weight_decay=0'):
+    coda.CodaPrompt.from_config(config)

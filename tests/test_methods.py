@@ -32,17 +32,17 @@ def _pool(**fields) -> l2p.L2P:
 
 def test_task_arrays_give_each_task_its_slots_and_forcing_steps():
   masked = _pool(use_prompt_mask=True)
-  arrays = masked.task_arrays(1, num_tasks=3, steps_per_epoch=5, num_steps=20)
+  arrays = masked.task_arrays(1, steps_per_epoch=5, num_steps=20)
   np.testing.assert_array_equal(arrays['prompt_ids'], [2, 3])
   assert arrays['mask_steps'] == 20
   first_epoch = dataclasses.replace(masked, mask_first_epoch=True)
-  assert first_epoch.task_arrays(1, num_tasks=3, steps_per_epoch=5, num_steps=20)['mask_steps'] == 5
-  assert _pool().task_arrays(1, num_tasks=3, steps_per_epoch=5, num_steps=20)['mask_steps'] == 0
+  assert first_epoch.task_arrays(1, steps_per_epoch=5, num_steps=20)['mask_steps'] == 5
+  assert _pool().task_arrays(1, steps_per_epoch=5, num_steps=20)['mask_steps'] == 0
 
 
 def test_slots_beyond_the_pool_fall_back_to_key_matching(caplog):
   with caplog.at_level('WARNING'):
-    arrays = _pool(use_prompt_mask=True).task_arrays(3, num_tasks=4, steps_per_epoch=5, num_steps=20)
+    arrays = _pool(use_prompt_mask=True).task_arrays(3, steps_per_epoch=5, num_steps=20)
   assert arrays['mask_steps'] == 0
   assert any('prompt ids 6..7 are outside pool_size=6' in r.getMessage() for r in caplog.records)
 

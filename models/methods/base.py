@@ -9,7 +9,11 @@ only the members below, so they know no method by name:
   (test-time selection included);
 - `task_arrays`: the per-task arrays the train and eval steps pass back to `prompts`;
 - `start_task`: the host-side edit of the parameters at the start of a task;
+- `check`: raises ValueError when the method cannot run on the backbone;
 - `needs_query`, `histogram_size`, `prompt_tokens`: static facts the others plan with.
+
+Each method also has a classmethod `from_config(config)` that reads its fields; `METHODS` in
+`models/methods/__init__.py` maps `config.method` to it.
 
 Methods raise ValueError for fields that describe no valid method; the command line turns
 that into its one-line `error:`.
@@ -89,10 +93,9 @@ class PromptMethod:
     """
     raise NotImplementedError
 
-  def task_arrays(self, task: int, *, num_tasks: int, steps_per_epoch: int,
-                  num_steps: int) -> dict[str, np.ndarray]:
+  def task_arrays(self, task: int, *, steps_per_epoch: int, num_steps: int) -> dict[str, np.ndarray]:
     """Per-task arrays for `prompts`, fixed during task `task` (of `num_steps` steps)."""
-    del task, num_tasks, steps_per_epoch, num_steps
+    del task, steps_per_epoch, num_steps
     return {}
 
   def start_task(self, params: Any, task: int, *, seed: int) -> Any:

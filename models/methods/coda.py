@@ -79,6 +79,11 @@ class CodaPrompt(base.PromptMethod):
   @classmethod
   def from_config(cls, config) -> 'CodaPrompt':
     """The method `config.coda_prompt_param` and `config.continual.num_tasks` describe."""
+    # Earlier components stay frozen through their zero gradients alone: carried-over Adam
+    # moments or weight decay would move them.
+    if not config.reinit_optimizer or config.weight_decay:
+      raise ValueError('CODA-Prompt freezes earlier components by their zero gradients: set '
+                       'reinit_optimizer=True and weight_decay=0, as the official code.')
     coda = config.coda_prompt_param
     return cls(pool_size=coda.pool_size, length=coda.length, layers=l2p.block_indices(coda.layer_idx),
                num_tasks=config.continual.num_tasks, ortho_mu=float(coda.ortho_mu))
@@ -110,12 +115,9 @@ class CodaPrompt(base.PromptMethod):
     per_task = self.pool_size // self.num_tasks
     return task * per_task, (task + 1) * per_task
 
-  def task_arrays(self, task, *, num_tasks, steps_per_epoch, num_steps) -> dict[str, np.ndarray]:
-    """'num_frozen' s and 'num_active' f, int32 scalars (see `span`).
-
-    The split follows the method's own `num_tasks`, the one `check` validated.
-    """
-    del num_tasks, steps_per_epoch, num_steps
+  def task_arrays(self, task, *, steps_per_epoch, num_steps) -> dict[str, np.ndarray]:
+    """'num_frozen' s and 'num_active' f, int32 scalars (see `span`)."""
+    del steps_per_epoch, num_steps
     frozen, active = self.span(task)
     return {'num_frozen': np.int32(frozen), 'num_active': np.int32(active)}
 

@@ -139,9 +139,8 @@ class L2P(base.PromptMethod):
     return base.Prompts(tokens=base.per_layer(tokens, dims.num_layers, axis=1),
                         prefixes=base.per_layer(prefixes, dims.num_layers, axis=2), loss=loss, aux=aux)
 
-  def task_arrays(self, task, *, num_tasks, steps_per_epoch, num_steps) -> dict[str, np.ndarray]:
+  def task_arrays(self, task, *, steps_per_epoch, num_steps) -> dict[str, np.ndarray]:
     """'prompt_ids' [top_k] int32, the task's slots; 'mask_steps', the steps that force them."""
-    del num_tasks
     ids = np.arange(task * self.top_k, (task + 1) * self.top_k, dtype=np.int32)
     mask_steps = steps_per_epoch if self.mask_first_epoch else num_steps
     if self.use_prompt_mask and ids[-1] >= self.pool_size:
@@ -167,10 +166,11 @@ class L2P(base.PromptMethod):
 
 def pool_fields(config) -> dict[str, Any]:
   """The L2P fields of the pool `config` describes (`prompt_pool_param`, `e_prompt_layer_idx`, ...)."""
-  if not config.prompt_pool:
-    raise ValueError('The E-Prompts are drawn from the keyed pool; set prompt_pool=True.')
   pool = config.prompt_pool_param
-  if pool.vote_group_size > 0 and config.per_device_batch_size % pool.vote_group_size:
+  if config.use_e_prompt and not config.prompt_pool:
+    raise ValueError('The E-Prompts are drawn from the keyed pool; set prompt_pool=True.')
+  if (config.use_e_prompt and pool.vote_group_size > 0
+      and config.per_device_batch_size % pool.vote_group_size):
     # As the original's per-device vote: the groups tile each device's batch.
     raise ValueError(f'prompt_pool_param.vote_group_size={pool.vote_group_size} does not divide '
                      f'per_device_batch_size={config.per_device_batch_size}: the vote groups must tile '
