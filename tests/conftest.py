@@ -10,3 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests build the same tiny models many times (also in subprocesses): reuse compilations.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "l2p_jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests (tens of seconds to minutes each) first, so that with `-n N --maxschedchunk=1`
+  the workers start them early and the short tests fill in around them, instead of one of them
+  starting last and running alone."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
