@@ -35,22 +35,12 @@ SIGNAL_ENV = "L2P_TEST_SIGNAL"
 TINY_CONFIG = "configs/digits_l2p.py:tiny"
 
 
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def tiny_flags(**overrides) -> dict:
   """main.py overrides of TINY_CONFIG that give tests.e2e_util.tiny_digits_config(**overrides)."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from tests import e2e_util  # pylint: disable=g-import-not-at-top
-  base = _flat(json.loads(e2e_util.tiny_digits_config().to_json_best_effort()))
-  tiny = _flat(json.loads(e2e_util.tiny_digits_config(**overrides).to_json_best_effort()))
+  flat = lambda config: traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+  base, tiny = flat(e2e_util.tiny_digits_config()), flat(e2e_util.tiny_digits_config(**overrides))
   assert base.keys() == tiny.keys()
   return {k: v for k, v in tiny.items() if v != base[k]}
 

@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 
+import flax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -199,14 +200,9 @@ def test_digits_dualprompt_config_trains_and_evaluates(tmp_path):
   assert params["e_prompt"]["key"].shape[0] == config.prompt_pool_param.pool_size
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
+def _flat(tree: dict) -> dict:
+  """Nested dicts -> {"dotted.field": value}."""
+  return flax.traverse_util.flatten_dict(tree, sep=".")
 
 
 def _assigned_fields(source: str) -> dict[str, int]:
