@@ -24,6 +24,7 @@ from libml import input_pipeline
 from libml import interrupts
 from libml import optim
 from libml import pretrained
+from libml import replay
 from libml import reporting
 from libml import steps
 from libml import train_state
@@ -52,18 +53,29 @@ def _method_arrays(benchmark, task: int, model) -> dict:
                                   num_steps=benchmark.num_train_steps(task))
 
 
-def _task_arrays(benchmark, task: int, method_arrays: dict) -> dict:
-  """Per-task arrays of the train step (replicated once per task): the class mask, the
-  schedule's lengths and the prompt method's arrays."""
+def _task_arrays(benchmark, task: int, method_arrays: dict, *, reverse_mask: bool = False,
+                 review: bool = False) -> dict:
+  """Per-task arrays of the train step (replicated once per task and phase): the class mask,
+  the schedule's lengths and the prompt method's arrays.
+
+  With replay, also the mask of the replayed examples' logits: every class, or with
+  `reverse_mask` every class but the task's. The review session (`review`) masks nothing.
+  """
   class_mask = np.zeros([benchmark.num_classes], bool)
   class_mask[benchmark.class_masks[task]] = True
   per_epoch, total = benchmark.steps_per_epoch(task), benchmark.num_train_steps(task)
-  return {
+  arrays = {
       "class_mask": class_mask,
       "steps_per_epoch": np.float32(per_epoch),
       "num_epochs": np.float32(total / per_epoch),
       "method": method_arrays,
   }
+  if benchmark.rehearsal:
+    everything = np.ones_like(class_mask)
+    arrays["replay_mask"] = ~class_mask if reverse_mask and not review else everything
+    if review:
+      arrays["class_mask"] = everything
+  return arrays
 
 
 def _first_non_finite(tree) -> str | None:
@@ -99,6 +111,7 @@ class _Runner:
     params, query_params = _initial_params(config, model, query_model, init_rng)
     self.tx = optim.create_optimizer(config, params)
     self.state = train_state.create(params, self.tx)
+    self.buffer = replay.Buffer.empty() if benchmark.rehearsal else None
     self.query_params = steps.replicate(query_params)
     options = steps.StepOptions.from_config(config, global_batch)
     self.train_step = jax.pmap(
@@ -119,11 +132,13 @@ class _Runner:
       return None
     self.state, progress = restored
     task, step = progress["task"], progress["task_step"]
-    if task < self.benchmark.num_tasks and step > self.benchmark.num_train_steps(task):
+    if task < self.benchmark.num_tasks and step > self.benchmark.num_steps(task):
       # A run from before run.json, resumed with another global batch (see validation.record_run).
       raise UserError(f"The latest checkpoint in {workdir!r} is at step {step} of task {task}, past its "
-                      f"{self.benchmark.num_train_steps(task)} steps with this global batch: it was made on "
+                      f"{self.benchmark.num_steps(task)} steps with this global batch: it was made on "
                       "other devices or batch; resume on those, or pass --restart to start over.")
+    if self.buffer is not None:
+      self.buffer = replay.Buffer.from_json(progress["replay"])
     self.last_saved = self._task_and_step(progress)
     return progress
 
@@ -136,7 +151,7 @@ class _Runner:
     """(task, steps taken in it) of a checkpoint's progress."""
     task, step = progress["task"], progress["task_step"]
     if step == 0 and task > 0:  # Saved after the previous task ended.
-      task, step = task - 1, self.benchmark.num_train_steps(task - 1)
+      task, step = task - 1, self.benchmark.num_steps(task - 1)
     return task, step
 
   def method_arrays(self, task: int) -> dict:
@@ -161,6 +176,8 @@ class _Runner:
     bad = _first_non_finite(state)
     if bad is not None:
       raise _diverged(f"state{bad} is not finite", *self._task_and_step(progress), self.last_saved)
+    if self.buffer is not None:
+      progress = {**progress, "replay": self.buffer.to_json()}
     # Summaries up to this step reach the disk before the checkpoint that skips them on resume.
     self.writer.flush()
     self.checkpointer.save(state, progress)
@@ -169,29 +186,37 @@ class _Runner:
   def train_task(self, task: int, progress: dict, report) -> tuple[int, float, list[tuple[float, int]]]:
     """Trains `task` from `progress['task_step']` to its end, with periodic evals and checkpoints.
 
+    The task's steps are its training, then its review session if it has one (replay
+    batches alone, without the task's logit mask).
+
     Returns:
       (steps trained, seconds taken, [(time.perf_counter(), steps done) at each fetch of the
       metrics]): what `_Progress.task_trained` reports.
     """
     began = time.perf_counter()
     config, benchmark = self.config, self.benchmark
-    start, total = progress["task_step"], benchmark.num_train_steps(task)
+    start, total = progress["task_step"], benchmark.num_steps(task)
+    trained = benchmark.num_train_steps(task)  # Then the review session's steps.
     if start == 0:
       self.state = train_state.start_task(self.state, self.tx, reinit_optimizer=config.reinit_optimizer)
       if self.model.method is not None:
         self.state = self.state.replace(params=self.model.method.start_task(
             self.state.params, task, seed=config.seed + config.trial))
+    if self.buffer is not None and not self.buffer.has_task(task):
+      self.buffer = self.buffer.add_task(task, *benchmark.kept_examples(task))
     logging.info("Task %d: steps %d..%d of %d (classes %s).", task, start, total, total,
                  benchmark.class_masks[task].tolist())
     per_epoch = benchmark.steps_per_epoch(task)
-    task_arrays = steps.replicate(_task_arrays(benchmark, task, self.method_arrays(task)))
+    task_arrays = self._replicated_arrays(task, review=start >= trained)
     dropout_rng = steps.replicate(self.dropout_rng)
     rstate = steps.replicate(self.state)
-    batches = steps.device_batches(iter(tfds.as_numpy(benchmark.train_dataset(task, start_step=start))))
+    batches = steps.device_batches(self._host_batches(task, start))
     pending = []  # Metrics of the steps since the last log, still on the devices.
     self.synced = []  # Appended by `_log_train`: when the loop waited for the steps anyway.
     first_global_step = int(self.state.step)
     for task_step in range(start, total):
+      if task_step == trained and start < trained:
+        task_arrays = self._replicated_arrays(task, review=True)
       rstate, metrics = self.train_step(rstate, next(batches), self.query_params, task_arrays, dropout_rng)
       pending.append(metrics)
       global_step = first_global_step + (task_step - start) + 1
@@ -203,8 +228,11 @@ class _Runner:
       if checkpoint or done % config.log_loss_every_steps == 0 or done == total:
         self._log_train(global_step, task, done, pending)
         pending = []
-      periodic_eval = ((config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or
-                       (config.eval_per_epochs > 0 and done % (per_epoch * config.eval_per_epochs) == 0))
+      if done <= trained:
+        periodic_eval = ((config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or
+                         (config.eval_per_epochs > 0 and done % (per_epoch * config.eval_per_epochs) == 0))
+      else:  # The review session's own cadence.
+        periodic_eval = (done - trained) % benchmark.review_eval_every(task) == 0
       if periodic_eval and done < total and not config.eval_last_only:
         results = self.evaluate(rstate, benchmark.eval_sets_after(task) or [0], task)
         for i, r in results.items():
@@ -223,6 +251,20 @@ class _Runner:
     progress["task_step"] = total
     self.state = flax.jax_utils.unreplicate(rstate)
     return total - start, time.perf_counter() - began, self.synced
+
+  def _replicated_arrays(self, task: int, *, review: bool):
+    """The train step's per-task arrays of `task`'s training or review session, on the devices."""
+    return steps.replicate(_task_arrays(self.benchmark, task, self.method_arrays(task), review=review,
+                                        reverse_mask=self.config.continual.replay_reverse_mask))
+
+  def _host_batches(self, task: int, start: int):
+    """Numpy batches of the task's steps from `start` on: training, then the review session."""
+    benchmark = self.benchmark
+    trained = benchmark.num_train_steps(task)
+    if start < trained:
+      yield from tfds.as_numpy(benchmark.train_dataset(task, start, self.buffer))
+    if benchmark.num_review_steps(task):
+      yield from tfds.as_numpy(benchmark.review_dataset(task, self.buffer, max(0, start - trained)))
 
   def stop_signal(self) -> int | None:
     """The signal that asked the run to stop, or None."""
@@ -272,7 +314,7 @@ class _Progress:
     line = f"Task {task} trained: {steps} steps in {_duration(seconds)} ({speed})"
     left = range(task + 1, self.benchmark.num_tasks)
     if left:
-      steps_left = sum(self.benchmark.num_train_steps(t) for t in left)
+      steps_left = sum(self.benchmark.num_steps(t) for t in left)
       eta = steps_left * self.seconds / max(self.steps, 1)
       line += (f"; {len(left)} of {self.benchmark.num_tasks} tasks left, {steps_left} steps, "
                f"training ETA {_duration(eta)}")
@@ -282,11 +324,11 @@ class _Progress:
 def _train_tasks(config, benchmark, runner: _Runner, progress: dict) -> np.ndarray:
   """Trains and evaluates the tasks from `progress` on; returns the [E, T] accuracy matrix."""
   matrix = continual_metrics.matrix_from_json(progress["accuracy_matrix"])
-  total_steps = sum(benchmark.num_train_steps(t) for t in range(benchmark.num_tasks))
+  total_steps = sum(benchmark.num_steps(t) for t in range(benchmark.num_tasks))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=runner.writer, every_secs=30)
   progress_line = _Progress(benchmark)
   for task in range(progress["task"], benchmark.num_tasks):
-    if progress["task_step"] < benchmark.num_train_steps(task):
+    if progress["task_step"] < benchmark.num_steps(task):
       progress_line.task_trained(task, *runner.train_task(task, progress, report))
     eval_sets = [] if (config.eval_last_only and task < benchmark.num_tasks - 1) else benchmark.eval_sets_after(task)
     if eval_sets:

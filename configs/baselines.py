@@ -45,3 +45,17 @@ def set_joint(config, learning_rate: float = FINETUNE_LEARNING_RATE):
   config.continual.num_classes_per_task *= config.continual.num_tasks
   config.continual.num_tasks = 1
   return config
+
+
+def set_replay(config, per_class: int):
+  """Adds a rehearsal buffer of `per_class` examples per class of each task: from task 1 on,
+  every batch is joined by as many replayed examples, whose logits keep every class (the
+  original's `replay_no_mask`; the new examples keep their task's mask)."""
+  config.continual.replay.num_samples_per_class = per_class
+  config.continual.replay_no_mask = True
+  return config
+
+
+def set_er(config, per_class: int, learning_rate: float = FINETUNE_LEARNING_RATE):
+  """Experience replay (ER): sequential fine-tuning of every parameter with the buffer."""
+  return set_replay(set_ft_seq(config, learning_rate), per_class)

@@ -182,6 +182,30 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Evaluate with the task's own classes only (task-incremental accuracy).
   config.continual.eval_task_inc = False
 
+  # --- Rehearsal (see libml/replay.py) ------------------------------------------------
+  config.continual.replay = ml_collections.ConfigDict()
+  # Examples kept per class of each task, drawn at random from the task's first pass
+  # (0: no rehearsal buffer). From task 1 on, every batch is joined by as many replayed ones.
+  config.continual.replay.num_samples_per_class = 0
+  # Replay batches may draw the current task's kept examples too (else earlier tasks' only).
+  config.continual.replay.include_new_task = True
+  # With train_mask: the replayed examples' logits keep every class (the task's examples keep
+  # the task's classes). Replay with train_mask needs it.
+  config.continual.replay_no_mask = False
+  # With replay_no_mask: the replayed examples' logits of the current task's classes are -inf (needs
+  # replay.include_new_task=False: the replayed examples then all belong to earlier tasks).
+  config.continual.replay_reverse_mask = False
+  # Replay only in a review session after each task's training (needs a buffer): batches of
+  # kept examples alone, from the whole buffer, without the task's logit mask.
+  config.continual.review_trick = False
+  # Steps of each review session; -1: num_review_epochs passes over one task's kept examples.
+  config.continual.num_review_steps = -1
+  # Review epochs (steps are rounded down to whole epochs); the session evaluates every
+  # num_review_epochs // 5 of them.
+  config.continual.num_review_epochs = 5
+  # A review session after the last task only.
+  config.continual.review_last_only = False
+
   # --- Optimisation ----------------------------------------------------------------
   # Images per device and step; the global batch is this x the number of devices.
   config.per_device_batch_size = 16

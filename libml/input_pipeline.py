@@ -29,6 +29,7 @@ from libml import benchmarks
 from libml import device_preprocess
 from libml import preprocess
 from libml import record_sources
+from libml import replay
 from libml.errors import UserError
 
 # The tf.data functions here have no Python control flow on tensors; tracing
@@ -109,7 +110,15 @@ class Benchmark:
     eval_augment = config.eval_with_train_augment
     self._eval_augment = (layout.eval_augment if eval_augment is None
                           else bool(eval_augment))
+    continual = config.continual
+    self._replay_per_class = continual.replay.num_samples_per_class
+    self._include_new_task = continual.replay.include_new_task
+    self._review = continual.review_trick
+    self._review_last_only = continual.review_last_only
+    self._review_steps = continual.num_review_steps
+    self._review_epochs = continual.num_review_epochs
     self._cache = None
+    self._kept_cache = {}  # task -> (ids, records, decoded) of this host's kept examples.
     self._eval_cache, self._eval_cache_bytes = {}, 0
     self._eval_cache_budget = config.decoded_cache_mb * 2**20
     self._train_budget = config.decoded_train_mb * 2**20
@@ -118,7 +127,10 @@ class Benchmark:
     self._one_shape = {part: source.image_shape(part) is not None
                        for part in parts}
     self.device_preprocess = None
-    if config.preprocess_on_device and all(self._one_shape.values()):
+    # Replay batches join examples of every task: their stored shapes must agree.
+    one_train_shape = len({source.image_shape(p) for p in layout.train}) == 1
+    if (config.preprocess_on_device and all(self._one_shape.values()) and
+        (one_train_shape or not self.rehearsal)):
       max_values = {source.max_value(part) for part in parts}
       if len(max_values) != 1:
         raise ValueError(f'{self.name} stores pixels on several scales: '
@@ -138,6 +150,17 @@ class Benchmark:
       if count == 0:
         raise UserError(f'task {task} of {self.name} has no training examples '
                         'on this host: raise subsample_rate or check the data')
+      if self._review and self.num_review_steps(task) == 0 and not (
+          self._review_last_only and task < self.num_tasks - 1):
+        raise UserError(f'the review session of task {task} has no step at '
+                        f'the global batch of {self._global_batch}: raise '
+                        'continual.num_review_epochs or set '
+                        'continual.num_review_steps')
+
+  @property
+  def rehearsal(self) -> bool:
+    """Whether the run keeps a rehearsal buffer (see `libml.replay`)."""
+    return self._replay_per_class > 0
 
   # --- Which records. -------------------------------------------------------
 
@@ -168,6 +191,35 @@ class Benchmark:
     if self._steps_per_task > 0:
       return self._steps_per_task
     return self.steps_per_epoch(task) * self._num_epochs
+
+  def _review_epoch_steps(self, task: int) -> int:
+    """Steps per epoch of the task's review session (0 without one)."""
+    if not self._review or (self._review_last_only and
+                            task < self.num_tasks - 1):
+      return 0
+    steps = self._review_steps
+    if steps <= 0:  # Epochs over one task's worth of kept examples.
+      kept = self._replay_per_class * len(self.class_masks[task])
+      steps = kept * self._review_epochs // self._global_batch
+    return steps // self._review_epochs
+
+  def num_review_steps(self, task: int) -> int:
+    """Steps of the review session after the task's training (0: none).
+
+    `num_review_steps` (or, when -1, `num_review_epochs` passes over one
+    task's worth of kept examples) rounded down to whole review epochs, as
+    the original; with `review_last_only`, the last task's only.
+    """
+    return self._review_epoch_steps(task) * self._review_epochs
+
+  def review_eval_every(self, task: int) -> int:
+    """Review steps between evaluations: about five per session, as the
+    original (every num_review_epochs // 5 review epochs, at least one)."""
+    return self._review_epoch_steps(task) * max(1, self._review_epochs // 5)
+
+  def num_steps(self, task: int) -> int:
+    """Steps of the whole task: training, then the review session."""
+    return self.num_train_steps(task) + self.num_review_steps(task)
 
   # --- Training. ------------------------------------------------------------
 
@@ -215,8 +267,9 @@ class Benchmark:
     batches = stream.reshape(-1, self._global_batch)
     return batches[:, lo:lo + self._local_batch].reshape(-1)
 
-  def _epoch_plan(self, task: int, first_step: int, num_steps: int):
-    """Rows (into the task's records) and augmentation keys, step by step."""
+  def _stream(self, task: int, first_step: int, num_steps: int):
+    """Rows (into the task's records) and augmentation keys of the global
+    batches of steps [first_step, num_steps), all hosts' (int64 [n] each)."""
     if first_step == num_steps:
       return np.zeros([0], np.int64), np.zeros([0], np.int64)
     part, ids = self._train_part(task)
@@ -236,29 +289,13 @@ class Benchmark:
       keys.append(epoch * split_size + ids[order])
     skip = (first_step % steps_per_epoch) * self._global_batch
     end = (num_steps - first_step) * self._global_batch + skip
-    return (self._own_slices(np.concatenate(rows)[skip:end]),
-            self._own_slices(np.concatenate(keys)[skip:end]))
+    return np.concatenate(rows)[skip:end], np.concatenate(keys)[skip:end]
 
-  def train_dataset(self, task: int, start_step: int = 0) -> tf.data.Dataset:
-    """Batches of `task` from `start_step` on, identical to an unbroken run.
-
-    Yields:
-      {'image': float32 [devices, per_device_batch, H, W, 3],
-       'label': int32 [devices, per_device_batch]}; with `device_preprocess`,
-      'image' holds the stored pixels [devices, per_device_batch, h, w, c]
-      and, when augmenting, 'crop' int32 [devices, per_device_batch, 4] and
-      'flip' bool [devices, per_device_batch] (see `preprocess.random_window`).
-    """
-    num_steps = self.num_train_steps(task)
-    if not 0 <= start_step <= num_steps:
-      raise ValueError(f'start_step {start_step} outside [0, {num_steps}]')
-    rows, keys = self._epoch_plan(task, start_step, num_steps)
-    if self._shared_ids is not None:  # Rows of the task's ids -> loaded rows.
-      rows = np.searchsorted(self._shared_ids, self._train_ids[task][rows])
-    records = self._train_records(task)
+  def _prepare_fn(self, task: int, decoded: bool):
+    """Function: (image as held, label, key) -> the batch entries of one
+    training example of `task` (its augmentation seeded by (task, key))."""
     task_seed = int(_rng(self._seed, _AUGMENT, task).integers(2**62))
     part = self._train_part(task)[0]
-    decoded = self._train_decoded(task)
     to_pixels = self._pixels(part, decoded)
     augment = self._augment_fn(part)
 
@@ -267,9 +304,131 @@ class Benchmark:
       seed = tf.stack([tf.constant(task_seed, tf.int64), key])
       return {**augment(to_pixels(image), seed), 'label': label}
 
+    return prepare
+
+  def train_dataset(self, task: int, start_step: int = 0,
+                    buffer: replay.Buffer | None = None) -> tf.data.Dataset:
+    """Batches of `task` from `start_step` on, identical to an unbroken run.
+
+    Args:
+      task: the task.
+      start_step: the first training step to yield the batch of.
+      buffer: the rehearsal buffer (with the task's kept examples), or None.
+        From task 1 on, each batch is then joined by a replay batch drawn
+        from it (unless the run keeps replay for its review sessions).
+
+    Yields:
+      {'image': float32 [devices, per_device_batch, H, W, 3],
+       'label': int32 [devices, per_device_batch]}; with `device_preprocess`,
+      'image' holds the stored pixels [devices, per_device_batch, h, w, c]
+      and, when augmenting, 'crop' int32 [devices, per_device_batch, 4] and
+      'flip' bool [devices, per_device_batch] (see `preprocess.random_window`).
+      With replay, every entry holds 2 x per_device_batch examples per
+      device, the replayed ones last, and 'replayed' bool marks them.
+    """
+    num_steps = self.num_train_steps(task)
+    if not 0 <= start_step <= num_steps:
+      raise ValueError(f'start_step {start_step} outside [0, {num_steps}]')
+    rows, keys = (self._own_slices(x)
+                  for x in self._stream(task, start_step, num_steps))
+    if self._shared_ids is not None:  # Rows of the task's ids -> loaded rows.
+      rows = np.searchsorted(self._shared_ids, self._train_ids[task][rows])
+    records = self._train_records(task)
     ds = record_sources.replay(records, rows, keys)
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    return self._batched(ds)
+    ds = ds.map(self._prepare_fn(task, self._train_decoded(task)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = self._per_device(ds)
+    if buffer is not None and task > 0 and not self._review:
+      replayed = self._replay_batches(task, buffer, range(start_step, num_steps),
+                                      include_new_task=self._include_new_task)
+      ds = tf.data.Dataset.zip(ds, replayed).map(_no_autograph(_join))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  def review_dataset(self, task: int, buffer: replay.Buffer,
+                     start_step: int = 0) -> tf.data.Dataset:
+    """Batches of the task's review session from its step `start_step` on:
+    replay batches alone, drawn from the whole buffer.
+
+    Yields:
+      As `train_dataset` without replay, plus 'replayed' (all True).
+    """
+    first = self.num_train_steps(task)
+    steps = range(first + start_step, first + self.num_review_steps(task))
+    ds = self._replay_batches(task, buffer, steps, include_new_task=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  # --- Replay. --------------------------------------------------------------
+
+  def kept_examples(self, task: int):
+    """The examples `task` keeps for replay (all hosts'): random positions of
+    its first pass that training reaches (see `libml.replay`).
+
+    Returns:
+      (ids, keys, positions), int64 [n] each: record ids, augmentation keys
+      and stream positions.
+    """
+    reached = min(self.num_train_steps(task), self.steps_per_epoch(task))
+    size = reached * self._global_batch
+    positions = replay.kept_positions(
+        self._seed, task, stream_size=size,
+        count=self._replay_per_class * len(self.class_masks[task]))
+    rows, keys = self._stream(task, 0, reached)
+    return self._train_ids[task][rows[positions]], keys[positions], positions
+
+  def _kept_records(self, task: int, ids: np.ndarray):
+    """(records, decoded): the images and labels of records `ids` of `task`,
+    taken from the task's loaded records, or read when a run resumes."""
+    cached = self._kept_cache.get(task)
+    if cached is not None and np.array_equal(cached[0], ids):
+      return cached[1:]
+    part, loaded_ids = self._loaded_part(task)
+    if self._cache is not None and self._cache[0] == (part, loaded_ids.tobytes()):
+      loaded, decoded = self._cache[1], self._train_decoded(task)
+      rows = np.searchsorted(loaded_ids, ids)
+    else:
+      unique = np.unique(ids)
+      decoded = self._one_shape[part]
+      loaded = self._source.load(part, unique, decoded=decoded)
+      rows = np.searchsorted(unique, ids)
+    records = {'image': tf.gather(loaded['image'], rows),
+               'label': np.asarray(loaded['label'])[rows]}
+    self._kept_cache[task] = (ids, records, decoded)
+    return records, decoded
+
+  def _replay_batches(self, task: int, buffer: replay.Buffer, steps,
+                      *, include_new_task: bool) -> tf.data.Dataset:
+    """This host's replay batches of task steps `steps`, from its shard.
+
+    Yields:
+      As `train_dataset` without replay, plus 'replayed' (all True).
+    """
+    shard = replay.host_shard(buffer, host=self._host,
+                              global_batch=self._global_batch,
+                              local_batch=self._local_batch)
+    picks = np.concatenate([np.zeros([0], np.int64)] + [
+        replay.draw(self._seed, task, step, self._host,
+                    available_count=replay.available(
+                        shard, task, step, include_new_task=include_new_task,
+                        global_batch=self._global_batch),
+                    size=self._local_batch) for step in steps])
+    source_task = shard.task[picks]
+    datasets, choice = [], np.zeros(len(picks), np.int64)
+    for i, t in enumerate(np.unique(source_task)):
+      first = int(np.argmax(shard.task == t))  # The task's block in the shard.
+      block = shard.ids[shard.task == t]
+      records, decoded = self._kept_records(int(t), block)
+      mine = source_task == t
+      choice[mine] = i
+      ds = record_sources.replay(records, picks[mine] - first,
+                                 shard.keys[picks[mine]])
+      datasets.append(ds.map(self._prepare_fn(int(t), decoded),
+                             num_parallel_calls=tf.data.AUTOTUNE))
+    if not datasets:
+      raise ValueError(f'task {task} replays no step')
+    ds = tf.data.Dataset.choose_from_datasets(
+        datasets, tf.data.Dataset.from_tensor_slices(choice))
+    return self._per_device(ds).map(_no_autograph(
+        lambda b: {**b, 'replayed': tf.ones_like(b['label'], tf.bool)}))
 
   # --- Evaluation. ----------------------------------------------------------
 
@@ -326,7 +485,7 @@ class Benchmark:
                                      self._resize_size], tf.int32)
     ds = ds.concatenate(
         tf.data.Dataset.from_tensors(padding).repeat(total - len(local_ids)))
-    return self._batched(ds)
+    return self._per_device(ds).prefetch(tf.data.AUTOTUNE)
 
   def _pixels(self, part: benchmarks.Part, decoded: bool):
     """Function: image as held (decoded or not) -> its pixels as stored."""
@@ -408,13 +567,21 @@ class Benchmark:
   def eval_set_classes(self, eval_set: int) -> np.ndarray:
     return self._layout.eval_classes[eval_set]
 
-  def _batched(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+  def _per_device(self, ds: tf.data.Dataset) -> tf.data.Dataset:
     """[devices, per_device_batch, ...] batches (one copy, then a reshape)."""
     shape = [self._num_devices, self._batch]
     ds = ds.batch(self._local_batch, drop_remainder=True)
-    ds = ds.map(_no_autograph(lambda batch: {
+    return ds.map(_no_autograph(lambda batch: {
         k: tf.reshape(v, shape + v.shape[1:]) for k, v in batch.items()}))
-    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _join(new: dict, replayed: dict) -> dict:
+  """A training batch and its replay batch, per device: [devices, 2 x B, ...],
+  the replayed examples last ('replayed' marks them)."""
+  joined = {k: tf.concat([new[k], replayed[k]], axis=1) for k in new}
+  joined['replayed'] = tf.concat(
+      [tf.zeros_like(new['label'], tf.bool), replayed['replayed']], axis=1)
+  return joined
 
 
 def _keep_tensorflow_off_accelerators():

@@ -95,6 +95,15 @@ def _merge(*flat_parts):
   return flax.traverse_util.unflatten_dict(merged)
 
 
+def _logit_mask(task, batch):
+  """The logits training keeps: [num_classes] bool, the task's classes; with replay [B,
+  num_classes], the replayed examples' rows from task['replay_mask'] (the original's
+  `replay_no_mask` and `replay_reverse_mask`)."""
+  if "replayed" not in batch:
+    return task["class_mask"]
+  return jnp.where(batch["replayed"][:, None], task["replay_mask"], task["class_mask"])
+
+
 def train_step(state, batch, query_params, task, rng, *, model, query_model, tx, options: StepOptions,
                preprocess: device_preprocess.DevicePreprocess | None = None):
   """One optimisation step on one device's shard of the batch.
@@ -106,7 +115,8 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
     query_params: parameters of the frozen query ViT (unused without a query).
     task: {'class_mask': [num_classes] bool, 'steps_per_epoch': float32, 'num_epochs':
       float32, 'method': the prompt method's arrays (`PromptMethod.task_arrays`)} for the
-      current task.
+      current task; with replay also 'replay_mask': [num_classes] bool, the logits the
+      replayed examples keep.
     rng: PRNG key shared by all devices; folded with the step and device index.
 
   Returns:
@@ -131,7 +141,7 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
     logits, aux = model.apply({"params": to_params(wrt)}, images, cls_features=cls_features,
                               task=method_task, train=True, rngs={"dropout": rng})
     if options.train_mask:
-      logits = jnp.where(task["class_mask"], logits, -jnp.inf)
+      logits = jnp.where(_logit_mask(task, batch), logits, -jnp.inf)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     if options.l2_coeff:
       loss = loss + options.l2_coeff * optim.l2_loss(to_params(wrt))

@@ -104,6 +104,38 @@ def check_data(config) -> benchmarks.Layout:
   return layout
 
 
+def _check_rehearsal(config) -> None:
+  """The rehearsal buffer, its logit masks and the review session (continual.*)."""
+  continual = config.continual
+  per_class = continual.replay.num_samples_per_class
+  if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
+    raise UserError(f"continual.replay.num_samples_per_class={per_class!r} must be a whole number >= 0 "
+                    "(0: no rehearsal buffer).")
+  needs_buffer = [k for k in ("replay_no_mask", "replay_reverse_mask", "review_trick") if continual[k]]
+  if per_class == 0 and needs_buffer:
+    raise UserError(f"continual.{needs_buffer[0]} needs a rehearsal buffer: set "
+                    "continual.replay.num_samples_per_class > 0, or turn it off.")
+  if per_class == 0:
+    return
+  if config.gaussian_schedule:
+    raise UserError("continual.replay does not apply to the Gaussian schedule's episodes: set "
+                    "continual.replay.num_samples_per_class=0 or gaussian_schedule=False.")
+  if continual.train_mask and not continual.replay_no_mask and not continual.review_trick:
+    raise UserError("continual.train_mask would give the replayed examples of earlier tasks -inf logits at "
+                    "their labels: set continual.replay_no_mask=True (or train_mask=False).")
+  if continual.replay_reverse_mask and not continual.replay_no_mask:
+    raise UserError("continual.replay_reverse_mask refines replay_no_mask: set continual.replay_no_mask=True.")
+  if continual.replay_reverse_mask and continual.replay.include_new_task:
+    raise UserError("continual.replay_reverse_mask would give replayed examples of the current task -inf "
+                    "logits at their labels: set continual.replay.include_new_task=False.")
+  if continual.review_trick:
+    epochs, steps = continual.num_review_epochs, continual.num_review_steps
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+      raise UserError(f"continual.num_review_epochs={epochs!r} must be a positive integer.")
+    if not isinstance(steps, int) or not (steps == -1 or steps >= 1):
+      raise UserError(f"continual.num_review_steps={steps!r} must be -1 (from num_review_epochs) or >= 1.")
+
+
 def _check_models(config, num_classes: int) -> None:
   """Builds the models, which run their own checks (model_name, top_k, prompt layers, ...).
 
@@ -120,11 +152,12 @@ def check_config(config) -> None:
   """Raises UserError for a config that cannot run; reads no data and writes nothing.
 
   Covers the batch, size and cadence counts, the optimisation settings (optimizer, clipping
-  mode, schedule, learning rate, warm-up), the data settings (`check_data`), the prompt-vote
-  groups and the model (model_name, top_k <= pool_size, prompt layers within the depth, ...).
+  mode, schedule, learning rate, warm-up), the rehearsal settings (buffer, logit masks,
+  review session), the data settings (`check_data`), the prompt-vote groups and the model (model_name, top_k <= pool_size, prompt layers within the depth, ...).
   """
   _check_positive_ints(config)
   _check_optimization(config)
+  _check_rehearsal(config)
   layout = check_data(config)
   _check_models(config, layout.num_classes)
 

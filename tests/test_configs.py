@@ -27,8 +27,9 @@ CONFIG_NAMES = tuple(sorted(
     if os.path.basename(path) not in ("__init__.py", "common.py", "baselines.py")))
 ORIGINAL_CONFIGS = ("cifar100_l2p", "five_datasets_l2p", "core50_l2p", "cifar100_gaussian_l2p",
                     "imr_dualprompt", "cifar100_dualprompt")
-# The benchmark configs that run end to end here: the original's and CODA-Prompt's.
-RUN_CONFIGS = ORIGINAL_CONFIGS + ("cifar100_coda", "imr_coda")
+# The benchmark configs that run end to end here: the original's, CODA-Prompt's and L2P with a
+# rehearsal buffer (replay batches through the device crop path).
+RUN_CONFIGS = ORIGINAL_CONFIGS + ("cifar100_coda", "imr_coda", "cifar100_l2p_replay")
 
 
 # The original's six config files, evaluated: every field that changes a result, per config in
