@@ -33,16 +33,21 @@ from libml.errors import UserError
 from models import factory
 
 
-def _initial_params(config, model, query_model, rng):
-  """(params, query_params): pretrained or random backbone; the query ViT is its copy."""
-  params = factory.init_params(model, rng, config.input_size)
+def _initial_variables(config, model, query_model, rng):
+  """(params, batch_stats, query_params): pretrained or random backbone, a ResNet's BatchNorm
+  statistics ({} for a ViT) and the query ViT's parameters, a copy of the backbone's ({}
+  without a query ViT)."""
+  variables = factory.init_variables(model, rng, config.input_size)
+  params = variables["params"]
   if config.init_checkpoint:
     params = pretrained.load_pretrained(config.init_checkpoint, params, config.model_name)
   else:
     logging.warning("No init_checkpoint given: the %s backbone is RANDOMLY initialised, not pretrained.",
                     config.model_name)
+  if query_model is None:
+    return params, variables.get("batch_stats", {}), {}
   query_keys = factory.param_shapes(query_model, config.input_size).keys()
-  return params, {k: params[k] for k in query_keys}
+  return params, variables.get("batch_stats", {}), {k: params[k] for k in query_keys}
 
 
 def _method_arrays(benchmark, task: int, model) -> dict:
@@ -108,9 +113,9 @@ class _Runner:
     query_model = factory.create_query_model(config, benchmark.num_classes)
     rng = jax.random.PRNGKey(config.seed + config.trial)
     init_rng, self.dropout_rng = jax.random.split(rng)
-    params, query_params = _initial_params(config, model, query_model, init_rng)
+    params, batch_stats, query_params = _initial_variables(config, model, query_model, init_rng)
     self.tx = optim.create_optimizer(config, params)
-    self.state = train_state.create(params, self.tx)
+    self.state = train_state.create(params, self.tx, batch_stats)
     self.buffer = replay.Buffer.empty() if benchmark.rehearsal else None
     self.query_params = steps.replicate(query_params)
     options = steps.StepOptions.from_config(config, global_batch)
@@ -163,7 +168,8 @@ class _Runner:
   def evaluate(self, rstate, eval_sets, task: int) -> dict[int, dict]:
     """Evaluates the replicated state during or after `task` on `eval_sets`."""
     method_arrays = self.method_arrays(task)
-    return {i: self.evaluator.evaluate(rstate.params, self.query_params, i, method_arrays) for i in eval_sets}
+    return {i: self.evaluator.evaluate(rstate.params, self.query_params, i, method_arrays, rstate.batch_stats)
+            for i in eval_sets}
 
   @property
   def histograms(self) -> bool:

@@ -26,7 +26,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # --- Model -------------------------------------------------------------------
-  # ViT variant, one of models.vit.VARIANTS (ViT-Ti_16 ... ViT-H_14, ViT-test).
+  # ViT variant, one of models.vit.VARIANTS (ViT-Ti_16 ... ViT-H_14, ViT-test), or a ResNet of
+  # models.resnet.VARIANTS (resnet18, resnet18_he, resnet50, resnet18_cifar, resnet-test) for the
+  # fine-tuning and rehearsal baselines (method "none", trained from scratch).
   config.model_name = "ViT-B_16"
   # Pretrained backbone: the ViT release `.npz` or timm `.safetensors`. None: random init.
   config.init_checkpoint = config_dict.placeholder(str)
@@ -44,6 +46,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Compute dtype of activations and matmuls ("float32" or "bfloat16"); parameters,
   # optimizer state and loss stay float32.
   config.dtype = "float32"
+  # ResNet: keep the BatchNorm running statistics as initialised (training still normalises
+  # each device's batch with its own statistics); else they follow the mean over devices.
+  config.freeze_bn_stats = False
   # "xla": explicit softmax attention; "fused": jax.nn.dot_product_attention with the kernel
   # JAX picks; "cudnn": the same with cuDNN flash attention (NVIDIA GPUs, bfloat16 only).
   config.attention_impl = "xla"

@@ -1,6 +1,7 @@
-r"""L2P, DualPrompt and CODA-Prompt against the papers' baselines on the embedded digits benchmark.
+r"""L2P, DualPrompt and CODA-Prompt against the papers' baselines (rehearsal included) on the
+embedded digits benchmark.
 
-  python -m demo.compare                      # 6 methods x seeds 0, 1, 2
+  python -m demo.compare                      # 9 methods x seeds 0, 1, 2
   python -m demo.compare --seeds 0 --methods l2p ft_seq
 
 Runs each method's digits config (`configs/digits_<method>.py`, all from the shipped
@@ -27,6 +28,9 @@ METHODS = {
     'l2p': ('L2P', 'configs.digits_l2p'),
     'dualprompt': ('DualPrompt', 'configs.digits_dualprompt'),
     'coda': ('CODA-Prompt', 'configs.digits_coda'),
+    'er10': ('ER, buffer 10 per class', 'configs.digits_er10'),
+    'er50': ('ER, buffer 50 per class', 'configs.digits_er50'),
+    'l2p_replay': ('L2P, buffer 10 per class', 'configs.digits_l2p_replay'),
     'joint': ('joint training (upper bound)', 'configs.digits_joint'),
 }
 METRICS = ('avg_acc', 'forgetting')

@@ -27,7 +27,7 @@ class Evaluator:
     preprocess = benchmark.device_preprocess
     self._eval_step = jax.pmap(
         functools.partial(steps.eval_step, model=model, query_model=query_model, preprocess=preprocess),
-        axis_name=steps.AXIS, in_axes=(0, 0, 0, None, None))
+        axis_name=steps.AXIS, in_axes=(0, 0, 0, None, None, 0))
     self._query_step = jax.pmap(
         functools.partial(steps.query_step, query_model=query_model, preprocess=preprocess),
         axis_name=steps.AXIS)
@@ -45,7 +45,8 @@ class Evaluator:
       mask[self._benchmark.eval_set_classes(eval_set)] = True
     return mask
 
-  def evaluate(self, params: Any, query_params: Any, eval_set: int, method_task: dict[str, Any]) -> dict[str, Any]:
+  def evaluate(self, params: Any, query_params: Any, eval_set: int, method_task: dict[str, Any],
+               batch_stats: Any = None) -> dict[str, Any]:
     """Accuracy (%), mean loss and prompt-id counts of `eval_set`.
 
     Args:
@@ -53,6 +54,7 @@ class Evaluator:
       query_params: replicated query ViT parameters.
       eval_set: index into the benchmark's eval sets.
       method_task: host arrays of the prompt method for the task trained last (`task_arrays`).
+      batch_stats: replicated BatchNorm statistics of a ResNet (None for a ViT).
 
     Returns:
       {'accuracy': float, 'loss': float, 'count': int, 'prompt_counts': [pool] int or None}.
@@ -68,7 +70,7 @@ class Evaluator:
           batch["cls_features"] = features[-1]
         else:
           batch["cls_features"] = cached[i]
-      totals.append(self._eval_step(params, query_params, batch, class_mask, method_task))
+      totals.append(self._eval_step(params, query_params, batch, class_mask, method_task, batch_stats))
     if self._cache is not None and cached is None:
       self._cache[eval_set] = features
     summed = jax.tree.map(lambda *xs: np.sum([np.asarray(x[0]) for x in xs], axis=0), *totals)

@@ -34,6 +34,8 @@ class StepOptions:
     schedule: learning-rate schedule name.
     warmup_epochs: warm-up length in epochs.
     l2_coeff: weight of the loss term sum of squared weights (rank >= 2), see optim.l2_loss_coeff.
+    freeze_bn_stats: keep a ResNet's BatchNorm running statistics as they are (training still
+      normalises with the batch's statistics, as the original).
   """
   train_mask: bool
   clip_mode: str
@@ -43,6 +45,7 @@ class StepOptions:
   schedule: str
   warmup_epochs: float
   l2_coeff: float
+  freeze_bn_stats: bool = False
 
   @classmethod
   def from_config(cls, config, global_batch: int, clip_mode: str | None = None) -> "StepOptions":
@@ -55,7 +58,8 @@ class StepOptions:
         min_lr=float(config.min_learning_rate) * global_batch / 256,
         schedule=config.learning_rate_schedule,
         warmup_epochs=float(config.warmup_epochs),
-        l2_coeff=optim.l2_loss_coeff(config))
+        l2_coeff=optim.l2_loss_coeff(config),
+        freeze_bn_stats=bool(config.freeze_bn_stats))
 
 
 def replicate(tree):
@@ -137,9 +141,13 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
     trainable, frozen = _split(state.params, optim.trainable_mask(state.params, options.freeze_part))
     wrt, to_params = trainable, lambda w: _merge(w, frozen)
 
+  has_stats = bool(state.batch_stats)  # A ResNet's BatchNorm statistics.
+
   def loss_fn(wrt):
-    logits, aux = model.apply({"params": to_params(wrt)}, images, cls_features=cls_features,
-                              task=method_task, train=True, rngs={"dropout": rng})
+    variables = {"params": to_params(wrt), **({"batch_stats": state.batch_stats} if has_stats else {})}
+    out = model.apply(variables, images, cls_features=cls_features, task=method_task, train=True,
+                      rngs={"dropout": rng}, mutable=["batch_stats"] if has_stats else False)
+    (logits, aux), updated = out if has_stats else (out, {})
     if options.train_mask:
       logits = jnp.where(_logit_mask(task, batch), logits, -jnp.inf)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -148,9 +156,12 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
     if "prompt_loss" in aux:  # The method's auxiliary loss, e.g. L2P's pull constraint.
       loss = loss + aux["prompt_loss"]
     scalars = {k: v for k, v in aux.items() if k != "prompt_loss" and jnp.ndim(v) == 0}
-    return loss, (logits, scalars)
+    return loss, (logits, scalars, updated.get("batch_stats", {}))
 
-  (loss, (logits, scalars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(wrt)
+  (loss, (logits, scalars, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(wrt)
+  # Each device normalised with its own batch's statistics; the running statistics take their
+  # mean over devices, so that every replica holds the same state.
+  batch_stats = state.batch_stats if options.freeze_bn_stats else jax.lax.pmean(batch_stats, AXIS)
   if options.clip_mode != "full":
     grads = _merge(grads, {k: jnp.zeros_like(v) for k, v in frozen.items()})
   grads = jax.lax.pmean(grads, AXIS)
@@ -161,7 +172,7 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
                               steps_per_epoch=task["steps_per_epoch"], num_epochs=task["num_epochs"])
   params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
   new_state = state.replace(step=state.step + 1, task_step=state.task_step + 1,
-                            params=params, opt_state=opt_state)
+                            params=params, opt_state=opt_state, batch_stats=batch_stats)
   metrics = {
       "loss": loss,
       "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -172,8 +183,8 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def eval_step(params, query_params, batch, class_mask, method_task, *, model, query_model,
-              preprocess: device_preprocess.DevicePreprocess | None = None):
+def eval_step(params, query_params, batch, class_mask, method_task, batch_stats=None, *, model,
+              query_model, preprocess: device_preprocess.DevicePreprocess | None = None):
   """Counts on one device's shard of an eval batch, summed over devices.
 
   Args:
@@ -185,6 +196,7 @@ def eval_step(params, query_params, batch, class_mask, method_task, *, model, qu
     class_mask: [num_classes] bool; logits outside it are -inf (task-incremental
       evaluation), all True otherwise.
     method_task: the prompt method's arrays of the task trained last (`task_arrays`).
+    batch_stats: a ResNet's BatchNorm running statistics (None or {} for a ViT).
 
   Returns:
     {'correct', 'count', 'loss_sum': scalars, 'prompt_counts': [histogram_size] int32 when the
@@ -194,7 +206,8 @@ def eval_step(params, query_params, batch, class_mask, method_task, *, model, qu
   cls_features = batch.get("cls_features")
   if cls_features is None and model.needs_query:
     cls_features = query_features(query_model, query_params, images)
-  logits, aux = model.apply({"params": params}, images, cls_features=cls_features, task=method_task,
+  variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+  logits, aux = model.apply(variables, images, cls_features=cls_features, task=method_task,
                             vote_mask=valid, train=False)
   logits = jnp.where(class_mask, logits, -jnp.inf)
   weights = valid.astype(jnp.float32)

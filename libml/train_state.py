@@ -16,18 +16,20 @@ class TrainState:
   Attributes:
     step: global number of train steps taken, over all tasks (the TensorBoard x axis).
     task_step: train steps taken in the current task (drives the learning-rate schedule).
-    params: the PromptedViT parameters.
+    params: the model's parameters.
     opt_state: optax state of `create_optimizer`'s transformation.
+    batch_stats: BatchNorm running statistics of a ResNet backbone ({} for a ViT).
   """
   step: jnp.ndarray
   task_step: jnp.ndarray
   params: Any
   opt_state: Any
+  batch_stats: Any
 
 
-def create(params: Any, tx: optax.GradientTransformation) -> TrainState:
+def create(params: Any, tx: optax.GradientTransformation, batch_stats: Any = None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), task_step=jnp.zeros((), jnp.int32),
-                    params=params, opt_state=tx.init(params))
+                    params=params, opt_state=tx.init(params), batch_stats=batch_stats or {})
 
 
 def start_task(state: TrainState, tx: optax.GradientTransformation, *, reinit_optimizer: bool) -> TrainState:

@@ -38,6 +38,7 @@ from libml import run_record
 from libml import steps
 from libml.errors import UserError
 from models import factory
+from models import resnet
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -146,6 +147,9 @@ def _check_models(config, num_classes: int) -> None:
     factory.create_query_model(config, num_classes)
   except ValueError as e:
     raise UserError(" ".join(str(e).split())) from e
+  if resnet.is_resnet(config.model_name) and config.init_checkpoint:
+    raise UserError(f"{config.model_name} trains from scratch here: init_checkpoint "
+                    f"{config.init_checkpoint!r} holds ViT weights; leave init_checkpoint unset.")
 
 
 def check_config(config) -> None:

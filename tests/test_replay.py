@@ -161,6 +161,29 @@ def test_review_batches_are_replay_alone_from_the_whole_buffer(mock_cifar):
   assert last_only.num_review_steps(0) == 0 and last_only.num_review_steps(1) == 3
 
 
+def test_each_host_replays_its_own_kept_examples(mock_cifar):
+  """2 hosts x 2 devices: each host's replay block comes from the examples its block of the
+  global batches held, as the same global stream on one host showed them."""
+  config = pipeline_config("cifar100", **{
+      "continual.num_tasks": 2, "continual.num_classes_per_task": 5,
+      "continual.replay.num_samples_per_class": 2, "continual.replay_no_mask": True,
+      "continual.replay.include_new_task": False})
+  one_host = input_pipeline.create_benchmark(config, num_local_devices=4, process_index=0, process_count=1)
+  shown = _flat(list(tfds.as_numpy(one_host.train_dataset(0))), "image")
+  buffer = replay.Buffer.empty().add_task(0, *one_host.kept_examples(0))
+  buffer = buffer.add_task(1, *one_host.kept_examples(1))
+  for host in range(2):
+    benchmark = input_pipeline.create_benchmark(config, num_local_devices=2, process_index=host,
+                                                process_count=2)
+    # Global batches of 8: host 0 holds slots 0-3 of each, host 1 slots 4-7.
+    shard = buffer.select((buffer.positions % 8 >= 4 * host) & (buffer.positions % 8 < 4 * host + 4))
+    assert 0 < len(shard) < len(buffer)
+    for step, batch in enumerate(tfds.as_numpy(benchmark.train_dataset(1, 0, buffer))):
+      picks = replay.draw(SEED, 1, step, host, available_count=int(np.sum(shard.task == 0)), size=4)
+      replayed = batch["image"][:, 2:].reshape((4,) + batch["image"].shape[2:])
+      np.testing.assert_array_equal(replayed, shown[shard.positions[picks]])
+
+
 # --- The logit masks. ----------------------------------------------------------------------------
 
 def test_replayed_rows_take_the_replay_mask():
@@ -237,17 +260,18 @@ def _final_state(workdir: str):
   return checkpoints[max(checkpoints)]
 
 
-# ER: whole-ViT fine-tuning with 2 kept examples per class; the review session: L2P with 4
+# ER: a ResNet (its BatchNorm statistics checkpointed too) fine-tuned with 2 kept examples per
+# class, replayed examples of the current task's classes masked; the review session: L2P with 4
 # review steps (2 review epochs, an evaluation after each) after each task.
 RUNS = {
-    "er": {"method": "none", "vit_classifier": "token", "freeze_part": (),
+    "er_resnet": {"method": "none", "model_name": "resnet-test", "freeze_part": (),
            "continual.replay.num_samples_per_class": 2, "continual.replay_no_mask": True,
            "continual.replay_reverse_mask": True, "continual.replay.include_new_task": False},
     "review": {"continual.replay.num_samples_per_class": 2, "continual.review_trick": True,
                "continual.num_review_steps": 4, "continual.num_review_epochs": 2},
 }
 # Where the killed run dies: task 1 mid-training (joined batches), or mid-review (step 6 of 8).
-KILL_AT = {"er": (1, 2), "review": (1, 6)}
+KILL_AT = {"er_resnet": (1, 2), "review": (1, 6)}
 
 
 @pytest.mark.slow
@@ -266,6 +290,8 @@ def test_rehearsal_runs_resume_exactly_after_a_kill(tmp_path, monkeypatch, name)
   tags = e2e_util.scalar_tags(str(tmp_path / "whole"))
   # A mean loss every 2 steps (log_loss_every_steps), over the review sessions too.
   assert len(tags["loss"]) == sum(benchmark.num_steps(t) for t in range(2)) // 2
+  if name == "er_resnet":
+    assert jax.tree.leaves(state["batch_stats"])
   if name == "review":  # Evaluated mid-review (review step 2 of 4) besides the task ends.
     assert benchmark.num_steps(1) == 8
     assert len(tags["accuracy_0"]) == 2 + 2
