@@ -157,6 +157,61 @@ def get_base_config() -> ml_collections.ConfigDict:
   # seed and image, so every evaluation sees the same ones) instead of the central crop.
   # None: the original's choice per benchmark, True for core50 only; True / False force it.
   config.eval_with_train_augment = config_dict.placeholder(bool)
+
+  # --- Extra training augmentation (libml/augment.py), all off by default ----------------
+  config.augment = ml_collections.ConfigDict()
+  # RandAugment: operations applied in turn to each training image, each drawn uniformly from
+  # `ops` (0: RandAugment off; the original's default is 2).
+  config.augment.num_layers = 0
+  # Their level in [0, 1] (1: rotate 30 degrees, shear 0.3, ...; Posterize and Solarize get
+  # weaker as it grows, as in the original); None: a level drawn per operation from
+  # {0, 1/num_levels, ..., 1}, the original's default.
+  config.augment.magnitude = config_dict.placeholder(float)
+  # Levels of that draw.
+  config.augment.num_levels = 10
+  # Probability that each drawn operation is applied.
+  config.augment.prob_to_apply = 1.0
+  # The operations drawn from (libml.augment.OPS: the original's 16).
+  config.augment.ops = ("AutoContrast", "Equalize", "Rotate", "Posterize", "Solarize", "Color",
+                        "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
+                        "TranslateY", "Identity", "SolarizeAdd", "Invert")
+  # Cutout after RandAugment: a grey box of half the image's sides at a random centre, clipped
+  # to the image (the original's RandAugment adds it: set True with num_layers to match).
+  config.augment.cutout = False
+  # Colour jitter after that: brightness, contrast and saturation by up to 0.8 x this, hue by
+  # up to 0.2 x this, in a random order (0: off; at most 1.25; the original's default 0.5).
+  config.augment.color_jitter_strength = 0.0
+  # Probability of that jitter, when color_jitter_strength > 0.
+  config.augment.color_jitter_prob = 0.8
+  # Probability of turning the image grey after it, when color_jitter_strength > 0.
+  config.augment.grayscale_prob = 0.2
+  # With any per-image augmentation on (RandAugment, cutout, colour jitter, random erasing),
+  # train and eval pixels in [0, 1] become (x - mean) / std per RGB channel, instead of
+  # `norm_01`'s. CIFAR-100's, as the original for cifar100; it uses CIFAR-10's
+  # (0.4914, 0.4822, 0.4465) for core50, imagenet_r, cifar10, svhn and the MNISTs.
+  config.augment.mean = (0.5071, 0.4867, 0.4408)
+  # The std of that normalisation; the original's CIFAR-10 values: (0.2471, 0.2435, 0.2616).
+  config.augment.std = (0.2675, 0.2565, 0.2761)
+  # Random erasing, on the normalised image: probability per image (0: off).
+  config.augment.erase_prob = 0.0
+  # Range of the erased box's area, as fractions of the image (drawn uniformly).
+  config.augment.erase_area = (0.02, 1 / 3)
+  # Range of its height / width (drawn log-uniformly); the box lies wholly inside the image.
+  config.augment.erase_aspect = (0.3, 1 / 0.3)
+  # Its fill: "pixel" (N(0, 1) noise per pixel, the original's), "rand" (one N(0, 1) colour)
+  # or "const" (zeros: the mean colour).
+  config.augment.erase_mode = "pixel"
+  # Mixup of training batches (0: off; the original's default 0.8): image w x + (1 - w) x'
+  # with a random partner x' of the batch, w = 1 - u^(1 / mixup_alpha) / 2, u ~ U(0, 1);
+  # the loss weighs the two labels by w and 1 - w.
+  config.augment.mixup_alpha = 0.0
+  # Cutmix of training batches (0: off; the original's default 1.0): a box of the partner
+  # (the batch reversed) of area fraction about u^(1 / cutmix_alpha) / 2 is pasted.
+  config.augment.cutmix_alpha = 0.0
+  # Probability that a batch is mixed, when mixup or cutmix is on.
+  config.augment.mix_prob = 1.0
+  # With both on: probability that a batch gets cutmix rather than mixup.
+  config.augment.switch_prob = 0.5
   # Host memory (MiB) for decoded eval images kept from one evaluation to the next.
   config.decoded_cache_mb = 1024
   # Host memory (MiB) for a task's decoded training images; a larger task keeps its images

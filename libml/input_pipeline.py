@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from libml import augment
 from libml import benchmarks
 from libml import device_preprocess
 from libml import preprocess
@@ -37,7 +38,7 @@ from libml.errors import UserError
 _no_autograph = tf.autograph.experimental.do_not_convert
 
 # Seeds of the different random choices, so that they never coincide.
-_SHUFFLE, _SUBSAMPLE, _AUGMENT = range(3)
+_SHUFFLE, _SUBSAMPLE, _AUGMENT, _MIX = range(4)
 _EVAL_AUGMENT = 100  # Test images' augmentation; apart from those above.
 
 
@@ -117,6 +118,13 @@ class Benchmark:
     self._review_last_only = continual.review_last_only
     self._review_steps = continual.num_review_steps
     self._review_epochs = continual.num_review_epochs
+    # The extra augmentations (config.augment): per image after the crop and
+    # flip, and mixup / cutmix per device batch, on the host.
+    self._extra = augment.image_fn(config.augment)
+    self._normalize_extra = (augment.normalize_fn(config.augment)
+                             if augment.enabled(config.augment) else None)
+    self._mix = augment.mix_fn(config.augment)
+    custom = augment.enabled(config.augment) or self._mix is not None
     self._cache = None
     self._kept_cache = {}  # task -> (ids, records, decoded) of this host's kept examples.
     self._eval_cache, self._eval_cache_bytes = {}, 0
@@ -130,7 +138,7 @@ class Benchmark:
     # Replay batches join examples of every task: their stored shapes must agree.
     one_train_shape = len({source.image_shape(p) for p in layout.train}) == 1
     if (config.preprocess_on_device and all(self._one_shape.values()) and
-        (one_train_shape or not self.rehearsal)):
+        (one_train_shape or not self.rehearsal) and not custom):
       max_values = {source.max_value(part) for part in parts}
       if len(max_values) != 1:
         raise ValueError(f'{self.name} stores pixels on several scales: '
@@ -291,20 +299,36 @@ class Benchmark:
     end = (num_steps - first_step) * self._global_batch + skip
     return np.concatenate(rows)[skip:end], np.concatenate(keys)[skip:end]
 
-  def _prepare_fn(self, task: int, decoded: bool):
+  def _prepare_fn(self, task: int, decoded: bool, with_key: bool = False):
     """Function: (image as held, label, key) -> the batch entries of one
-    training example of `task` (its augmentation seeded by (task, key))."""
+    training example of `task` (its augmentation seeded by (task, key));
+    `with_key` keeps the key too, as 'key'."""
     task_seed = int(_rng(self._seed, _AUGMENT, task).integers(2**62))
     part = self._train_part(task)[0]
     to_pixels = self._pixels(part, decoded)
-    augment = self._augment_fn(part)
+    transform = self._augment_fn(part, train=True)
 
     @_no_autograph
     def prepare(image, label, key):
       seed = tf.stack([tf.constant(task_seed, tf.int64), key])
-      return {**augment(to_pixels(image), seed), 'label': label}
+      out = {**transform(to_pixels(image), seed), 'label': label}
+      return {**out, 'key': key} if with_key else out
 
     return prepare
+
+  def _mixed(self, ds: tf.data.Dataset, task: int) -> tf.data.Dataset:
+    """Mixup / cutmix within each device's batch of `ds` (examples with
+    'key'), seeded by (task, the key of the batch's first example); drops
+    'key'."""
+    mix_seed = int(_rng(self._seed, _MIX, task).integers(2**62))
+
+    @_no_autograph
+    def mix(batch):
+      seed = tf.stack([tf.constant(mix_seed, tf.int64), batch['key'][0]])
+      return self._mix({k: v for k, v in batch.items() if k != 'key'}, seed)
+
+    ds = ds.batch(self._batch, drop_remainder=True)
+    return ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
   def train_dataset(self, task: int, start_step: int = 0,
                     buffer: replay.Buffer | None = None) -> tf.data.Dataset:
@@ -323,8 +347,10 @@ class Benchmark:
       'image' holds the stored pixels [devices, per_device_batch, h, w, c]
       and, when augmenting, 'crop' int32 [devices, per_device_batch, 4] and
       'flip' bool [devices, per_device_batch] (see `preprocess.random_window`).
-      With replay, every entry holds 2 x per_device_batch examples per
-      device, the replayed ones last, and 'replayed' bool marks them.
+      With mixup or cutmix, 'mix_label' int32 and 'mix_weight' float32 (see
+      `augment.mix_fn`). With replay, every entry holds 2 x per_device_batch
+      examples per device, the replayed ones last (never mixed: weight 1),
+      and 'replayed' bool marks them.
     """
     num_steps = self.num_train_steps(task)
     if not 0 <= start_step <= num_steps:
@@ -335,8 +361,11 @@ class Benchmark:
       rows = np.searchsorted(self._shared_ids, self._train_ids[task][rows])
     records = self._train_records(task)
     ds = record_sources.replay(records, rows, keys)
-    ds = ds.map(self._prepare_fn(task, self._train_decoded(task)),
+    mixing = self._mix is not None
+    ds = ds.map(self._prepare_fn(task, self._train_decoded(task), mixing),
                 num_parallel_calls=tf.data.AUTOTUNE)
+    if mixing:
+      ds = self._mixed(ds, task)
     ds = self._per_device(ds)
     if buffer is not None and task > 0 and not self._review:
       replayed = self._replay_batches(task, buffer, range(start_step, num_steps),
@@ -460,7 +489,7 @@ class Benchmark:
     records = self._eval_records(eval_set, local_ids)
     to_pixels = self._pixels(part, records is not None)
     if self._eval_augment:
-      transform = self._augment_fn(part)
+      transform = self._augment_fn(part, train=False)
     else:
       transform = self._central_fn(part)
     eval_seed = int(_rng(self._seed, _EVAL_AUGMENT).integers(2**62))
@@ -497,18 +526,20 @@ class Benchmark:
       return pixels
     return lambda image: tf.ensure_shape(pixels(image), shape)
 
-  def _augment_fn(self, part: benchmarks.Part):
+  def _augment_fn(self, part: benchmarks.Part, train: bool):
     """Function: (stored pixels, seed) -> batch entries of the training input.
 
     On the host, {'image': the network input}: resize, truncate, random
-    resized crop, flip (`preprocess.train_image`). With `device_preprocess`,
-    {'image': the stored pixels, 'crop': window, 'flip': flip} for the steps to
-    finish ('image' only where the benchmark does not augment).
+    resized crop, flip (`preprocess.train_image`), then in training the extra
+    augmentations of `config.augment` (test images through the training crop
+    get their normalisation only). With `device_preprocess`, {'image': the
+    stored pixels, 'crop': window, 'flip': flip} for the steps to finish
+    ('image' only where the benchmark does not augment).
     """
     max_value = self._source.max_value(part)
     resize_only = not self._layout.augment
 
-    def augment(pixels, seed):
+    def transform(pixels, seed):
       if self.device_preprocess is not None:
         if resize_only:
           return {'image': pixels}
@@ -518,9 +549,19 @@ class Benchmark:
           pixels, seed, resize_size=self._resize_size,
           input_size=self._input_size, max_value=max_value,
           resize_only=resize_only)
-      return {'image': preprocess.normalize(image, self._norm_01)}
+      if train and self._normalize_extra is not None:
+        extra_seed = tf.random.experimental.stateless_fold_in(seed, _AUGMENT)
+        return {'image': self._extra(image, extra_seed)}
+      return {'image': self._normalized(image)}
 
-    return augment
+    return transform
+
+  def _normalized(self, image: tf.Tensor) -> tf.Tensor:
+    """[0, 1] pixels -> the network input's scale: `norm_01`'s, or the
+    mean / std of `config.augment` when its per-image augmentation is on."""
+    if self._normalize_extra is not None:
+      return self._normalize_extra(image)
+    return preprocess.normalize(image, self._norm_01)
 
   def _central_fn(self, part: benchmarks.Part):
     """Function: (stored pixels, seed) -> batch entries of the eval input.
@@ -538,7 +579,7 @@ class Benchmark:
       image = preprocess.eval_image(
           pixels, resize_size=self._resize_size, input_size=self._input_size,
           max_value=max_value, resize_only=resize_only)
-      return {'image': preprocess.normalize(image, self._norm_01)}
+      return {'image': self._normalized(image)}
 
     return central
 
@@ -578,6 +619,9 @@ class Benchmark:
 def _join(new: dict, replayed: dict) -> dict:
   """A training batch and its replay batch, per device: [devices, 2 x B, ...],
   the replayed examples last ('replayed' marks them)."""
+  if 'mix_weight' in new:  # Replayed examples are not mixed.
+    replayed = {**replayed, 'mix_label': replayed['label'],
+                'mix_weight': tf.ones_like(replayed['label'], tf.float32)}
   joined = {k: tf.concat([new[k], replayed[k]], axis=1) for k in new}
   joined['replayed'] = tf.concat(
       [tf.zeros_like(new['label'], tf.bool), replayed['replayed']], axis=1)

@@ -108,6 +108,17 @@ def _logit_mask(task, batch):
   return jnp.where(batch["replayed"][:, None], task["replay_mask"], task["class_mask"])
 
 
+def _cross_entropy(logits, batch):
+  """[B] cross-entropy with batch['label']; for mixed images (mixup, cutmix) the weighted sum
+  w x CE(label) + (1 - w) x CE(mix_label), the cross-entropy with the mixed target."""
+  own = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  if "mix_weight" not in batch:
+    return own
+  partner = optax.softmax_cross_entropy_with_integer_labels(logits, batch["mix_label"])
+  weight = batch["mix_weight"]
+  return weight * own + (1.0 - weight) * partner
+
+
 def train_step(state, batch, query_params, task, rng, *, model, query_model, tx, options: StepOptions,
                preprocess: device_preprocess.DevicePreprocess | None = None):
   """One optimisation step on one device's shard of the batch.
@@ -115,7 +126,9 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
   Args:
     state: TrainState.
     batch: {'image': [B, H, W, 3] float32, 'label': [B] int32}; with `preprocess`, the
-      stored images and crops that `DevicePreprocess.train_images` takes.
+      stored images and crops that `DevicePreprocess.train_images` takes; with replay,
+      'replayed': [B] bool marks the examples drawn from the rehearsal buffer; with mixup or
+      cutmix, 'mix_label' [B] int32 and 'mix_weight' [B] float32 (see `_cross_entropy`).
     query_params: parameters of the frozen query ViT (unused without a query).
     task: {'class_mask': [num_classes] bool, 'steps_per_epoch': float32, 'num_epochs':
       float32, 'method': the prompt method's arrays (`PromptMethod.task_arrays`)} for the
@@ -150,7 +163,7 @@ def train_step(state, batch, query_params, task, rng, *, model, query_model, tx,
     (logits, aux), updated = out if has_stats else (out, {})
     if options.train_mask:
       logits = jnp.where(_logit_mask(task, batch), logits, -jnp.inf)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss = _cross_entropy(logits, batch).mean()
     if options.l2_coeff:
       loss = loss + options.l2_coeff * optim.l2_loss(to_params(wrt))
     if "prompt_loss" in aux:  # The method's auxiliary loss, e.g. L2P's pull constraint.

@@ -31,6 +31,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from libml import augment
 from libml import benchmarks
 from libml import optim
 from libml import run_lock
@@ -157,11 +158,12 @@ def check_config(config) -> None:
 
   Covers the batch, size and cadence counts, the optimisation settings (optimizer, clipping
   mode, schedule, learning rate, warm-up), the rehearsal settings (buffer, logit masks,
-  review session), the data settings (`check_data`), the prompt-vote groups and the model (model_name, top_k <= pool_size, prompt layers within the depth, ...).
+  review session), the extra augmentations, the data settings (`check_data`), the prompt-vote groups and the model (model_name, top_k <= pool_size, prompt layers within the depth, ...).
   """
   _check_positive_ints(config)
   _check_optimization(config)
   _check_rehearsal(config)
+  augment.check(config.augment)
   layout = check_data(config)
   _check_models(config, layout.num_classes)
 

@@ -261,17 +261,21 @@ def _final_state(workdir: str):
 
 
 # ER: a ResNet (its BatchNorm statistics checkpointed too) fine-tuned with 2 kept examples per
-# class, replayed examples of the current task's classes masked; the review session: L2P with 4
+# class, replayed examples of the current task's classes masked, and every extra augmentation
+# (RandAugment, colour jitter, random erasing, mixup and cutmix); the review session: L2P with 4
 # review steps (2 review epochs, an evaluation after each) after each task.
 RUNS = {
-    "er_resnet": {"method": "none", "model_name": "resnet-test", "freeze_part": (),
-           "continual.replay.num_samples_per_class": 2, "continual.replay_no_mask": True,
-           "continual.replay_reverse_mask": True, "continual.replay.include_new_task": False},
+    "er_resnet_augment": {
+        "method": "none", "model_name": "resnet-test", "freeze_part": (),
+        "continual.replay.num_samples_per_class": 2, "continual.replay_no_mask": True,
+        "continual.replay_reverse_mask": True, "continual.replay.include_new_task": False,
+        "augment.num_layers": 2, "augment.color_jitter_strength": 0.5, "augment.erase_prob": 0.5,
+        "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0},
     "review": {"continual.replay.num_samples_per_class": 2, "continual.review_trick": True,
                "continual.num_review_steps": 4, "continual.num_review_epochs": 2},
 }
 # Where the killed run dies: task 1 mid-training (joined batches), or mid-review (step 6 of 8).
-KILL_AT = {"er_resnet": (1, 2), "review": (1, 6)}
+KILL_AT = {"er_resnet_augment": (1, 2), "review": (1, 6)}
 
 
 @pytest.mark.slow
@@ -290,7 +294,7 @@ def test_rehearsal_runs_resume_exactly_after_a_kill(tmp_path, monkeypatch, name)
   tags = e2e_util.scalar_tags(str(tmp_path / "whole"))
   # A mean loss every 2 steps (log_loss_every_steps), over the review sessions too.
   assert len(tags["loss"]) == sum(benchmark.num_steps(t) for t in range(2)) // 2
-  if name == "er_resnet":
+  if name == "er_resnet_augment":
     assert jax.tree.leaves(state["batch_stats"])
   if name == "review":  # Evaluated mid-review (review step 2 of 4) besides the task ends.
     assert benchmark.num_steps(1) == 8
