@@ -101,8 +101,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.prompt_pool_param.shared_prompt_key = False
   # Majority vote of prompt ids over each group of `vote_group_size` images.
   config.prompt_pool_param.batchwise_prompt = True
-  # -1: per_device_batch_size, as the original under pmap. Set it to 16 to reproduce an
-  # 8 x 16 run on one device with per_device_batch_size=128.
+  # -1: a device's whole batch, as the original under pmap (per_device_batch_size images, twice
+  # that when replay batches join them). Set it to 16 to reproduce an 8 x 16 run on one device
+  # with per_device_batch_size=128.
   config.prompt_pool_param.vote_group_size = -1
   # Also vote at test time (the original's setting; False selects prompts per image).
   config.prompt_pool_param.batchwise_prompt_at_test = True

@@ -12,6 +12,7 @@ from libml import replay
 from libml import steps
 from libml import validation
 from libml.errors import UserError
+from models import methods
 from tests import e2e_util
 from tests import run_util
 from tests.data_fixtures import pipeline_config
@@ -310,3 +311,13 @@ def test_rehearsal_runs_resume_exactly_after_a_kill(tmp_path, monkeypatch, name)
   assert resumed_progress == progress
   for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(state), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("overrides,group", [
+    ({}, 4),
+    ({"continual.replay.num_samples_per_class": 2, "continual.replay_no_mask": True}, 8),
+    ({"continual.replay.num_samples_per_class": 2, "continual.review_trick": True}, 4)])
+def test_the_prompt_vote_covers_a_devices_whole_batch_replayed_images_included(overrides, group):
+  # As the original under pmap: one vote per device batch, which replay doubles (4 -> 8 images).
+  method = methods.from_config(e2e_util.tiny_digits_config(**overrides))
+  assert method.vote_group_size == group

@@ -126,7 +126,7 @@ def test_prompt_mask_beyond_the_pool_falls_back_to_key_matching(tmp_path, monkey
 class _FakeBenchmark:
   num_tasks = 3
 
-  def num_train_steps(self, task):
+  def num_steps(self, task):  # Training and review session.
     return 100
 
 

@@ -182,10 +182,17 @@ def pool_fields(config) -> dict[str, Any]:
       prompt_key_init=pool.prompt_key_init, embedding_key=pool.embedding_key,
       batchwise_prompt=pool.batchwise_prompt, batchwise_prompt_at_test=pool.batchwise_prompt_at_test,
       # The original voted per device (groups of per_device_batch_size images).
-      vote_group_size=pool.vote_group_size if pool.vote_group_size > 0 else config.per_device_batch_size,
+      vote_group_size=pool.vote_group_size if pool.vote_group_size > 0 else _device_batch(config),
       pull_coeff=float(config.pull_constraint_coeff) if config.pull_constraint else 0.0,
       use_prompt_mask=pool.use_prompt_mask, mask_first_epoch=pool.mask_first_epoch,
       shared_prompt_pool=pool.shared_prompt_pool, shared_prompt_key=pool.shared_prompt_key)
+
+
+def _device_batch(config) -> int:
+  """Images of a device's training batch: twice per_device_batch_size when replay batches
+  join the task's (the original's vote then covers both)."""
+  joined = config.continual.replay.num_samples_per_class > 0 and not config.continual.review_trick
+  return config.per_device_batch_size * (2 if joined else 1)
 
 
 def block_indices(value) -> tuple[int, ...]:
