@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import pytest
+
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
   starting last and running alone."""
   del config
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_runs(tmp_path_factory, worker_id):
+  """Lets the test processes of one session share the reference runs of `run_util.train_in_process`."""
+  from tests import run_util  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  # Under pytest-xdist each worker's base directory lies in the session's.
+  run_util.SHARED_RUNS_DIR = str((root.parent if worker_id != "master" else root) / "shared_runs")

@@ -13,8 +13,11 @@ INT, TERM) right after global train step n, as Ctrl-C or a preemption would.
 The hooks patch the libraries from outside; the production code has no test switches.
 """
 
+import fcntl
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -45,22 +48,41 @@ def tiny_flags(**overrides) -> dict:
   return {k: v for k, v in tiny.items() if v != base[k]}
 
 
-_RUNS = {}  # Config JSON -> (workdir, results) of the runs `train_in_process` made.
+# A directory every test process of the session sees (set by tests/conftest.py), where
+# `train_in_process` keeps its runs; None: each process keeps its own.
+SHARED_RUNS_DIR = None
+_RUNS = {}  # Config key -> (workdir, results) of the runs this process made, without SHARED_RUNS_DIR.
 
 
 def train_in_process(config, workdir: str) -> dict:
-  """`train_continual.train_and_evaluate(config, workdir)`, once per config in this process.
+  """`train_continual.train_and_evaluate(config, workdir)`, once per config in the session.
 
-  Several tests compare against the same uninterrupted run; later calls copy the first's
-  workdir instead of training again.
+  Several tests compare against the same uninterrupted run: the first call trains it (in
+  SHARED_RUNS_DIR, under a file lock, so that parallel test processes wait for it rather than
+  train it again), and every call copies it to `workdir`.
   """
-  key = config.to_json_best_effort(sort_keys=True)
-  if key in _RUNS:
-    shutil.copytree(_RUNS[key][0], workdir)
-  else:
-    import train_continual  # pylint: disable=g-import-not-at-top
-    _RUNS[key] = (workdir, train_continual.train_and_evaluate(config, workdir))
-  return _RUNS[key][1]
+  import jax  # pylint: disable=g-import-not-at-top
+  import train_continual  # pylint: disable=g-import-not-at-top
+  text = f"{jax.device_count()} {config.to_json_best_effort(sort_keys=True)}"
+  key = hashlib.sha256(text.encode()).hexdigest()[:16]
+  if SHARED_RUNS_DIR is None:
+    if key in _RUNS:
+      shutil.copytree(_RUNS[key][0], workdir)
+    else:
+      _RUNS[key] = (workdir, train_continual.train_and_evaluate(config, workdir))
+    return _RUNS[key][1]
+  run_dir = os.path.join(SHARED_RUNS_DIR, key)
+  os.makedirs(SHARED_RUNS_DIR, exist_ok=True)
+  with open(run_dir + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not os.path.exists(run_dir + ".pkl"):
+      shutil.rmtree(run_dir, ignore_errors=True)  # What a failed attempt left.
+      results = train_continual.train_and_evaluate(config, run_dir)
+      with open(run_dir + ".pkl", "wb") as f:
+        pickle.dump(results, f)
+  shutil.copytree(run_dir, workdir)
+  with open(run_dir + ".pkl", "rb") as f:
+    return pickle.load(f)
 
 
 def env(num_devices: int, **extra: str) -> dict:

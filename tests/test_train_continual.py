@@ -2,16 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import train_continual
 from tests import e2e_util
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import run_util
 
 
 def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path, caplog):
@@ -54,7 +51,7 @@ def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path, caplog):
 
 def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, monkeypatch):
   config = e2e_util.tiny_digits_config()
-  reference = train_continual.train_and_evaluate(config, str(tmp_path / "reference"))
+  reference = run_util.train_in_process(config, str(tmp_path / "reference"))
 
   class Stop(Exception):
     pass
@@ -81,22 +78,19 @@ def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, mo
     assert json.load(f)["avg_acc"] == pytest.approx(reference["avg_acc"])
 
 
-def _run_subprocess(workdir, num_devices, per_device_batch, vote_group):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--my_config", os.path.join(ROOT, "configs/digits_l2p.py") + ":tiny",
-         f"--workdir={workdir}", "--my_config.continual.num_train_steps_per_task=3", f"--my_config.per_device_batch_size={per_device_batch}",
-         f"--my_config.prompt_pool_param.vote_group_size={vote_group}"]
-  subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
-  with open(os.path.join(workdir, "results.json")) as f:
-    return np.array(json.load(f)["accuracy_matrix"], dtype=float)
+_OVERRIDES = {"continual.num_train_steps_per_task": 3, "prompt_pool_param.vote_group_size": 8}
 
 
 @pytest.mark.slow
 def test_one_and_two_devices_agree_for_the_same_global_batch(tmp_path):
-  one = _run_subprocess(str(tmp_path / "one"), 1, 16, 8)
-  two = _run_subprocess(str(tmp_path / "two"), 2, 8, 8)
-  np.testing.assert_allclose(one, two, atol=1e-6, equal_nan=True)
+  # One device of 16 images (main.py in a process of its own) against this process's two of 8.
+  workdir = str(tmp_path / "one")
+  flags = run_util.tiny_flags(**_OVERRIDES, per_device_batch_size=16)
+  done = run_util.run(run_util.command(workdir, flags), run_util.env(1))
+  assert done.returncode == 0, done.stderr[-3000:]
+  two = train_continual.train_and_evaluate(e2e_util.tiny_digits_config(**_OVERRIDES, per_device_batch_size=8),
+                                           str(tmp_path / "two"))
+  np.testing.assert_allclose(run_util.results_matrix(workdir), two["accuracy_matrix"], atol=1e-6, equal_nan=True)
 
 
 def test_prompt_mask_beyond_the_pool_falls_back_to_key_matching(tmp_path, monkeypatch, caplog):
