@@ -14,6 +14,8 @@ import jax.numpy as jnp
 Array = jax.Array
 
 ATTENTION_IMPLS = ('xla', 'fused', 'cudnn')
+# cuDNN attention pads queries and keys to a multiple of this (see `padded_attention`).
+CUDNN_PAD_MULTIPLE = 8
 
 
 def _xla_attention(query: Array, key: Array, value: Array) -> Array:
@@ -42,7 +44,7 @@ def _fused_attention(query: Array, key: Array, value: Array,
   attention (NVIDIA GPUs, bfloat16 or float16 inputs).
   """
   if implementation == 'cudnn':
-    return padded_attention(query, key, value, implementation='cudnn')
+    return padded_attention(query, key, value, implementation='cudnn', multiple=CUDNN_PAD_MULTIPLE)
   return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
 
 

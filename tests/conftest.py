@@ -23,9 +23,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shared_runs(tmp_path_factory, worker_id):
+def _shared_runs(tmp_path_factory, request):
   """Lets the test processes of one session share the reference runs of `run_util.train_in_process`."""
   from tests import run_util  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.getbasetemp()
-  # Under pytest-xdist each worker's base directory lies in the session's.
-  run_util.SHARED_RUNS_DIR = str((root.parent if worker_id != "master" else root) / "shared_runs")
+  if hasattr(request.config, "workerinput"):  # A pytest-xdist worker: its base directory lies in the session's.
+    root = root.parent
+  run_util.SHARED_RUNS_DIR = str(root / "shared_runs")
