@@ -239,11 +239,10 @@ def _profile_options():
 
 
 def _trace_after_timing(trace_dir: str, trace_steps: int, info: dict):
-  """A drop-in for `step_benchmark.time_steps` that also traces `trace_steps` more steps.
+  """A timer for `Bench.time_train`: `step_benchmark.time_steps`, then `trace_steps` more steps traced.
 
-  `Bench.time_train` builds and compiles its step inside; patching the module's
-  `time_steps` lets the profile run on that same compiled step and state. Any profiler error
-  is recorded in `info` and leaves the timing intact.
+  The profile runs on the same compiled step and state as the timing. Any profiler error is
+  recorded in `info` and leaves the timing intact.
   """
   original = step_benchmark.time_steps
 
@@ -301,18 +300,12 @@ def run_job(config_name: str, global_batch: int, profile: bool, work_dir: str) -
             "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
             "jax_version": jax.__version__, "flops_per_image": f.as_dict(), "artifacts": []}
   info, dump_before = {}, set()
-  patched = None
+  timer = None
   if profile:
     trace_dir = os.path.join(work_dir, f"trace_{tag}")
     dump_before = set(glob.glob(os.path.join(_HLO_DUMP_DIR.value or "", "*after_optimizations.txt")))
-    patched = _trace_after_timing(trace_dir, _TRACE_STEPS.value, info)
-  original = step_benchmark.time_steps
-  try:
-    if patched is not None:
-      step_benchmark.time_steps = patched
-    seconds, state, loss = bench.time_train(clip_mode)
-  finally:
-    step_benchmark.time_steps = original
+    timer = _trace_after_timing(trace_dir, _TRACE_STEPS.value, info)
+  seconds, state, loss = bench.time_train(clip_mode, timer=timer)
   del state
   record.update(step_benchmark.summarize(seconds, global_batch, f.train, FLAGS.peak_tflops))
   record["last_loss"] = loss

@@ -189,8 +189,12 @@ class Bench:
   def options(self, clip_mode: str) -> steps.StepOptions:
     return steps.StepOptions.from_config(self.config, self.global_batch, clip_mode)
 
-  def time_train(self, clip_mode: str):
-    """(seconds of each timed train step, final replicated state, last loss)."""
+  def time_train(self, clip_mode: str, timer=None):
+    """(seconds of each timed train step, final replicated state, last loss).
+
+    `timer` runs the steps in place of `time_steps` (same arguments and result), e.g. to
+    profile more steps after the timed ones.
+    """
     tx = optim.create_optimizer(self.config, self.params)
     train = jax.pmap(functools.partial(steps.train_step, model=self.model, query_model=self.query_model,
                                        tx=tx, options=self.options(clip_mode), preprocess=self.preprocess),
@@ -198,7 +202,7 @@ class Bench:
     state = steps.replicate(train_state.host_copy(train_state.create(self.params, tx)))
     rng = steps.replicate(self.dropout_rng)
     step = lambda carry: train(carry[0], self.batch, self.query_params, self.task, rng)
-    seconds, (state, metrics) = time_steps(step, (state, None), self.warmup, self.num_steps)
+    seconds, (state, metrics) = (timer or time_steps)(step, (state, None), self.warmup, self.num_steps)
     return seconds, state, float(np.asarray(metrics["loss"])[0])
 
   def time_preprocess(self):

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -49,9 +50,8 @@ def tiny_flags(**overrides) -> dict:
 
 
 # A directory every test process of the session sees (set by tests/conftest.py), where
-# `train_in_process` keeps its runs; None: each process keeps its own.
+# `train_in_process` keeps its runs; None: a fresh temporary directory of this process.
 SHARED_RUNS_DIR = None
-_RUNS = {}  # Config key -> (workdir, results) of the runs this process made, without SHARED_RUNS_DIR.
 
 
 def train_in_process(config, workdir: str) -> dict:
@@ -61,17 +61,13 @@ def train_in_process(config, workdir: str) -> dict:
   SHARED_RUNS_DIR, under a file lock, so that parallel test processes wait for it rather than
   train it again), and every call copies it to `workdir`.
   """
+  global SHARED_RUNS_DIR
   import jax  # pylint: disable=g-import-not-at-top
   import train_continual  # pylint: disable=g-import-not-at-top
-  text = f"{jax.device_count()} {config.to_json_best_effort(sort_keys=True)}"
-  key = hashlib.sha256(text.encode()).hexdigest()[:16]
   if SHARED_RUNS_DIR is None:
-    if key in _RUNS:
-      shutil.copytree(_RUNS[key][0], workdir)
-    else:
-      _RUNS[key] = (workdir, train_continual.train_and_evaluate(config, workdir))
-    return _RUNS[key][1]
-  run_dir = os.path.join(SHARED_RUNS_DIR, key)
+    SHARED_RUNS_DIR = tempfile.mkdtemp(prefix="l2p_test_runs_")
+  text = f"{jax.device_count()} {config.to_json_best_effort(sort_keys=True)}"
+  run_dir = os.path.join(SHARED_RUNS_DIR, hashlib.sha256(text.encode()).hexdigest()[:16])
   os.makedirs(SHARED_RUNS_DIR, exist_ok=True)
   with open(run_dir + ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
