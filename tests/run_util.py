@@ -28,6 +28,8 @@ import time
 from absl import app
 import numpy as np
 
+from tests import forked
+
 # The libraries below are imported where used: run as a module, this file must reach main.py's
 # flag parsing fast, as main.py does.
 
@@ -98,27 +100,30 @@ def command(workdir: str, overrides: dict, *flags: str, config: str = TINY_CONFI
 
 
 def run(cmd: list[str], environment: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-  return subprocess.run(cmd, env=environment, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  """subprocess.run of `cmd` in ROOT, output captured; main.py's libraries come imported (tests.forked)."""
+  return forked.run(cmd, environment, ROOT, timeout)
+
+
+def start(cmd: list[str], environment: dict, log: str) -> forked.Started:
+  """Starts `cmd` in ROOT, stdout and stderr to `log`; main.py's libraries come imported (tests.forked)."""
+  return forked.start(cmd, environment, ROOT, log=log)
 
 
 def run_and_kill(cmd: list[str], environment: dict, moment: str, n: int, marker: str,
                  timeout: float = 300) -> None:
   """Starts `cmd`, waits until it pauses at the n-th `moment`, and SIGKILLs it."""
   environment = dict(environment, **{PAUSE_ENV: f"{moment}:{n}", MARKER_ENV: marker})
-  with open(marker + ".log", "w") as log:
-    proc = subprocess.Popen(cmd, env=environment, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  proc = start(cmd, environment, marker + ".log")
   deadline = time.time() + timeout
   try:
     while not os.path.exists(marker):
       if proc.poll() is not None:
-        with open(marker + ".log") as f:
-          tail = f.read()[-3000:]
-        raise AssertionError(f"exited with {proc.returncode} before pausing at {moment}:{n}:\n{tail}")
+        raise AssertionError(f"exited with {proc.poll()} before pausing at {moment}:{n}:\n{proc.output()[1][-3000:]}")
       if time.time() > deadline:
         raise AssertionError(f"never paused at {moment}:{n}")
       time.sleep(0.1)
   finally:
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
   os.remove(marker)
 
@@ -140,6 +145,22 @@ def read_checkpoints(workdir: str) -> dict[int, tuple[dict, dict]]:
     out[step] = (restored.progress, restored.state)
   manager.close()
   return out
+
+
+def killed_copy(finished: str, workdir: str, task: int, task_step: int) -> str:
+  """Copies the finished run `finished` to `workdir` as a run killed right after its checkpoint
+  of (task, task_step) leaves it: the later checkpoints and results.json gone. Returns `workdir`."""
+  shutil.copytree(finished, workdir)
+  checkpoints = {index: (progress["task"], progress["task_step"])
+                 for index, (progress, _) in read_checkpoints(workdir).items()}
+  assert (task, task_step) in checkpoints.values(), checkpoints
+  cut = min(index for index, at in checkpoints.items() if at == (task, task_step))
+  for index in checkpoints:
+    if index > cut:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(index)))
+  os.remove(os.path.join(workdir, "results.json"))
+  assert max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) == cut
+  return workdir
 
 
 def _install_pause(spec: str, marker: str) -> None:

@@ -20,6 +20,7 @@ from libml import optim
 from libml import steps
 from libml import train_state
 from models import factory
+from tests import forked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
@@ -249,8 +250,7 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, source_size):
      r"300 images \(128, 128, 3\): 14 MiB decoded\nwhile loading: \+\d+ MiB \([\d.]+x the images\)"),
 ])
 def test_host_benchmarks_run_on_generated_data(tmp_path, script, args, wanted):
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args], cwd=tmp_path,
-                        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
-                        timeout=300, check=False)
+  proc = forked.run([sys.executable, os.path.join(REPO, "bench", script), *args],
+                    dict(os.environ, CUDA_VISIBLE_DEVICES=""), str(tmp_path), timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert re.search(wanted, proc.stdout), proc.stdout

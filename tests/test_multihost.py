@@ -3,7 +3,6 @@
 import contextlib
 import os
 import socket
-import subprocess
 
 import jax
 import numpy as np
@@ -76,16 +75,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
   for process_id in range(2):
     cmd = run_util.command(workdir, flags, f"--coordinator_address={address}", "--num_processes=2",
                            f"--process_id={process_id}")
-    procs.append(subprocess.Popen(cmd, env=run_util.env(1), cwd=run_util.ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    procs.append(run_util.start(cmd, run_util.env(1), str(tmp_path / f"process_{process_id}.log")))
   try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    statuses = [p.wait(timeout=300) for p in procs]
   finally:
     for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+      p.kill()
+      p.wait()
+  outputs = [p.output()[0] for p in procs]
+  for status, out in zip(statuses, outputs):
+    assert status == 0, out[-3000:]
   assert "Accuracy matrix" in outputs[0] and "Accuracy matrix" not in outputs[1]
 
   np.testing.assert_array_equal(run_util.results_matrix(workdir), reference)

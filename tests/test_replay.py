@@ -241,21 +241,6 @@ def test_a_review_session_without_steps_is_refused_before_anything_is_written(tm
 
 # --- Runs. -----------------------------------------------------------------------------------
 
-class _Killed(Exception):
-  """Stands for a kill right after a checkpoint: the work after it is lost."""
-
-
-def _kill_after_checkpoint(monkeypatch, task: int, task_step: int) -> None:
-  save = train_continual._Runner.save  # pylint: disable=protected-access
-
-  def save_then_die(self, rstate, progress):
-    save(self, rstate, progress)
-    if (progress["task"], progress["task_step"]) == (task, task_step):
-      raise _Killed
-
-  monkeypatch.setattr(train_continual._Runner, "save", save_then_die)  # pylint: disable=protected-access
-
-
 def _final_state(workdir: str):
   checkpoints = run_util.read_checkpoints(workdir)
   return checkpoints[max(checkpoints)]
@@ -275,13 +260,14 @@ RUNS = {
     "review": {"continual.replay.num_samples_per_class": 2, "continual.review_trick": True,
                "continual.num_review_steps": 4, "continual.num_review_epochs": 2},
 }
-# Where the killed run dies: task 1 mid-training (joined batches), or mid-review (step 6 of 8).
+# Where the killed run dies, right after a checkpoint: task 1 mid-training (joined batches), or
+# mid-review (step 6 of 8).
 KILL_AT = {"er_resnet_augment": (1, 2), "review": (1, 6)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_rehearsal_runs_resume_exactly_after_a_kill(tmp_path, monkeypatch, name):
+def test_rehearsal_runs_resume_exactly_after_a_kill(tmp_path, name):
   config = e2e_util.tiny_digits_config(**RUNS[name])
   whole = run_util.train_in_process(config, str(tmp_path / "whole"))
   progress, state = _final_state(str(tmp_path / "whole"))
@@ -301,13 +287,10 @@ def test_rehearsal_runs_resume_exactly_after_a_kill(tmp_path, monkeypatch, name)
     assert benchmark.num_steps(1) == 8
     assert len(tags["accuracy_0"]) == 2 + 2
 
-  _kill_after_checkpoint(monkeypatch, *KILL_AT[name])
-  with pytest.raises(_Killed):
-    train_continual.train_and_evaluate(config, str(tmp_path / "killed"))
-  monkeypatch.undo()
-  resumed = train_continual.train_and_evaluate(config, str(tmp_path / "killed"))
+  killed = run_util.killed_copy(str(tmp_path / "whole"), str(tmp_path / "killed"), *KILL_AT[name])
+  resumed = train_continual.train_and_evaluate(config, killed)
   np.testing.assert_array_equal(resumed["accuracy_matrix"], whole["accuracy_matrix"])
-  resumed_progress, resumed_state = _final_state(str(tmp_path / "killed"))
+  resumed_progress, resumed_state = _final_state(killed)
   assert resumed_progress == progress
   for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(state), strict=True):
     np.testing.assert_array_equal(a, b)

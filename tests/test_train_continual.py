@@ -52,28 +52,18 @@ def test_end_to_end_writes_metrics_results_and_checkpoints(tmp_path, caplog):
 def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, monkeypatch):
   config = e2e_util.tiny_digits_config()
   reference = run_util.train_in_process(config, str(tmp_path / "reference"))
+  # Killed right after the mid-task checkpoint of the second task.
+  workdir = run_util.killed_copy(str(tmp_path / "reference"), str(tmp_path / "interrupted"), 1, 2)
+  save, saved = train_continual._Runner.save, []  # pylint: disable=protected-access
 
-  class Stop(Exception):
-    pass
-
-  original = train_continual._Runner.save
-  calls = []
-
-  def save_then_stop(self, rstate, progress):
-    original(self, rstate, progress)
-    calls.append(progress)
-    if progress["task"] == 1 and 0 < progress["task_step"] < 4:
-      raise Stop()  # Dies right after a mid-task checkpoint of task 2.
-
-  monkeypatch.setattr(train_continual._Runner, "save", save_then_stop)
-  workdir = str(tmp_path / "interrupted")
-  with pytest.raises(Stop):
-    train_continual.train_and_evaluate(config, workdir)
-  assert calls[-1]["task"] == 1 and calls[-1]["task_step"] == 2
-  monkeypatch.setattr(train_continual._Runner, "save", original)
+  def recorded_save(self, rstate, progress):
+    saved.append((progress["task"], progress["task_step"]))
+    save(self, rstate, progress)
+  monkeypatch.setattr(train_continual._Runner, "save", recorded_save)  # pylint: disable=protected-access
   resumed = train_continual.train_and_evaluate(config, workdir)
   np.testing.assert_array_equal(resumed["accuracy_matrix"], reference["accuracy_matrix"])
-  # The finished first task was not retrained: its column came from the checkpoint.
+  # Training went on from the checkpoint: the first task was not trained again.
+  assert saved == [(1, 4), (2, 0)]
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["avg_acc"] == pytest.approx(reference["avg_acc"])
 
