@@ -17,6 +17,7 @@ environment differs in one of them, or that is not a Python program, gets a fres
 
 import atexit
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import runpy
 import signal
@@ -40,6 +41,7 @@ def _forkserver():
   if _context is None:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()  # Now, with the environment recorded here.
     _context = context, dict(os.environ)
   return _context
 
