@@ -36,11 +36,11 @@ def _both(tmp_path, monkeypatch, *args: str, devices: int = 1):
   env = {k: v for k, v in os.environ.items() if k != "HOME"}  # The server has HOME.
   env.update(X="set", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   cmd = [sys.executable, str(script), *args]
+  monkeypatch.delenv(forked.FRESH_ENV, raising=False)  # Whatever the suite was asked for.
   assert forked._can_fork(cmd, env)  # pylint: disable=protected-access
   got = forked.run(cmd, env, str(cwd), timeout=120)
   monkeypatch.setenv(forked.FRESH_ENV, "1")
   want = forked.run(cmd, env, str(cwd), timeout=120)
-  monkeypatch.delenv(forked.FRESH_ENV)
   return got, want
 
 
@@ -58,7 +58,8 @@ def test_exit_status_output_argv_path_cwd_environment_and_atexit_are_a_fresh_int
   assert ("Traceback" in got.stderr) == ("Traceback" in want.stderr) == (how == "raise")
 
 
-def test_a_started_command_can_be_killed(tmp_path):
+def test_a_started_command_can_be_killed(tmp_path, monkeypatch):
+  monkeypatch.delenv(forked.FRESH_ENV, raising=False)
   script = tmp_path / "program.py"
   script.write_text(_PROGRAM)
   ready = str(tmp_path / "ready")
