@@ -194,15 +194,25 @@ def test_count_matches_the_products_of_the_real_train_step(method, clip_mode):
   assert traced == expected.train
 
 
+# Runs the script given after it with TensorFlow, TensorFlow Datasets and clu unimportable, as on a
+# machine that has only JAX and its libraries.
+_WITHOUT_TENSORFLOW = ("import runpy, sys\n"
+                       "for name in ('tensorflow', 'tensorflow_datasets', 'clu'):\n"
+                       "  sys.modules[name] = None\n"
+                       "sys.argv = sys.argv[1:]\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
 @pytest.mark.parametrize("source_size", [0, 8])
-def test_benchmark_runs_end_to_end_on_cpu(tmp_path, source_size):
+def test_benchmark_runs_end_to_end_on_cpu_without_tensorflow(tmp_path, source_size):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              # Two devices as in training; unoptimised CPU code compiles faster (the figures are not checked).
              XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
-  cmd = [sys.executable, os.path.join(REPO, "bench", "step_benchmark.py"), "--config", "cifar100_l2p",
-         "--model_name", "ViT-test", "--input_size", "32", "--global_batch", "4", "--steps", "2", "--warmup", "1",
-         "--peak_tflops", "0.5", "--source_size", str(source_size), "--json_out", str(out)]
+  cmd = [sys.executable, "-c", _WITHOUT_TENSORFLOW, os.path.join(REPO, "bench", "step_benchmark.py"),
+         "--config", "cifar100_l2p", "--model_name", "ViT-test", "--input_size", "32", "--global_batch", "4",
+         "--steps", "2", "--warmup", "1", "--peak_tflops", "0.5", "--source_size", str(source_size),
+         "--json_out", str(out)]
   proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "train clip=full" in proc.stdout and "eval cached_query" in proc.stdout
