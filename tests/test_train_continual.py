@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -68,19 +69,25 @@ def test_resume_in_the_middle_of_task_two_matches_uninterrupted_run(tmp_path, mo
     assert json.load(f)["avg_acc"] == pytest.approx(reference["avg_acc"])
 
 
-_OVERRIDES = {"continual.num_train_steps_per_task": 3, "prompt_pool_param.vote_group_size": 8}
-
-
 @pytest.mark.slow
 def test_one_and_two_devices_agree_for_the_same_global_batch(tmp_path):
-  # One device of 16 images (main.py in a process of its own) against this process's two of 8.
+  # Two devices of 4 images, each its own vote group: the reliability and multi-host tests'
+  # reference run, shared. One device of 8 images in groups of 4: main.py in a process of its own.
+  two = run_util.train_in_process(e2e_util.tiny_digits_config(log_loss_every_steps=3), str(tmp_path / "two"))
+  assert jax.device_count() == 2
   workdir = str(tmp_path / "one")
-  flags = run_util.tiny_flags(**_OVERRIDES, per_device_batch_size=16)
+  flags = run_util.tiny_flags(log_loss_every_steps=3, per_device_batch_size=8,
+                              **{"prompt_pool_param.vote_group_size": 4})
   done = run_util.run(run_util.command(workdir, flags), run_util.env(1))
   assert done.returncode == 0, done.stderr[-3000:]
-  two = train_continual.train_and_evaluate(e2e_util.tiny_digits_config(**_OVERRIDES, per_device_batch_size=8),
-                                           str(tmp_path / "two"))
   np.testing.assert_allclose(run_util.results_matrix(workdir), two["accuracy_matrix"], atol=1e-6, equal_nan=True)
+  # The trained parameters too, up to the order of the sums over the batch.
+  got, want = run_util.read_checkpoints(workdir), run_util.read_checkpoints(str(tmp_path / "two"))
+  assert sorted(got) == sorted(want)
+  got_params, want_params = (dict(jax.tree_util.tree_leaves_with_path(c[max(c)][1]["params"])) for c in (got, want))
+  assert got_params.keys() == want_params.keys()
+  for path, leaf in want_params.items():
+    np.testing.assert_allclose(got_params[path], leaf, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_prompt_mask_beyond_the_pool_falls_back_to_key_matching(tmp_path, monkeypatch, caplog):
