@@ -1,5 +1,6 @@
 """Ctrl-C and preemption: SIGINT / SIGTERM finish the step, checkpoint, say so in one line, exit 128 + n."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -43,6 +44,11 @@ def test_sigint_and_sigterm_checkpoint_the_step_and_the_rerun_ends_as_an_uninter
   # Both stops were resumed through main.py; the last start finishes in this process.
   train_continual.train_and_evaluate(e2e_util.tiny_digits_config(), workdir)
   np.testing.assert_array_equal(run_util.results_matrix(workdir), reference["accuracy_matrix"])
+  got, want = run_util.read_checkpoints(workdir), run_util.read_checkpoints(str(tmp_path / "reference"))
+  (got_progress, got_state), (want_progress, want_state) = got[max(got)], want[max(want)]
+  assert got_progress == want_progress
+  for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
