@@ -8,7 +8,7 @@ a server that has imported those libraries once (multiprocessing's forkserver, o
 process), as the interpreter would: `sys.argv`, `sys.path`, the environment, the working
 directory, stdout and stderr, the exit status (SystemExit, uncaught exception, signal), atexit.
 
-No library state is shared: the server only imports (no JAX backend, no TensorFlow op), so the
+No library has started in the server: it only imports (no JAX backend, no TensorFlow op), so the
 child initialises JAX with its own XLA_FLAGS (device count) as a fresh process does. Variables
 that the libraries read at import time (JAX_*, TF_*, ...) are the server's; a command whose
 environment differs in one of them, or that is not a Python program, gets a fresh interpreter.
