@@ -3,6 +3,7 @@
 import os
 import signal
 import sys
+import time
 
 import pytest
 
@@ -45,7 +46,7 @@ def _both(tmp_path, monkeypatch, *args: str, devices: int = 1):
 
 
 @pytest.mark.parametrize("how, status", [("0", 0), ("3", 3), ("a message", 1), ("raise", 1), ("os_exit", 130)])
-def test_exit_status_output_argv_path_cwd_environment_and_atexit_are_a_fresh_interpreters(
+def test_a_forked_command_exits_prints_and_sees_argv_path_cwd_and_environment_as_a_fresh_interpreter(
     tmp_path, monkeypatch, how, status):
   got, want = _both(tmp_path, monkeypatch, how, "--flag=1", devices=3)
   assert want.returncode == status
@@ -68,6 +69,7 @@ def test_a_started_command_can_be_killed(tmp_path, monkeypatch):
   assert started._popen is None  # pylint: disable=protected-access  (forked, not a fresh interpreter)
   while not os.path.exists(ready):
     assert started.poll() is None, started.output()
+    time.sleep(0.05)
   started.kill()
   assert started.wait(timeout=60) == -signal.SIGKILL
   assert "on stderr" in started.output()[0]
