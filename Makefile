@@ -19,7 +19,7 @@ demo: install
 	rm -rf $(DEMO_WORKDIR)
 	$(PY) main.py --my_config configs/digits_l2p.py --workdir $(DEMO_WORKDIR)
 
-# The whole suite (17 CPU-minutes: 8 minutes 41 seconds measured on 2 idle CPU cores); the slow tests are sent to the workers first,
+# The whole suite (17-18 CPU-minutes: 8 min 41 s to 9 min 22 s measured on 2 idle CPU cores); the slow tests are sent to the workers first,
 # one test at a time (tests/conftest.py), so that none of them starts last.
 test: install
 	$(PY) -m pytest -q -n 3 --maxschedchunk=1 tests
