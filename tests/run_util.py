@@ -133,18 +133,38 @@ def results_matrix(workdir: str):
     return np.array(json.load(f)["accuracy_matrix"], dtype=float)
 
 
-def read_checkpoints(workdir: str) -> dict[int, tuple[dict, dict]]:
-  """Committed checkpoints of a run: index -> (progress, state as nested numpy dicts)."""
+def read_checkpoints(workdir: str, *, state: bool = True) -> dict[int, tuple[dict, dict | None]]:
+  """Committed checkpoints of a run: index -> (progress, state as nested numpy dicts; None
+  without `state`)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "progress"),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
+  items = {"progress": ocp.args.JsonRestore(), **({"state": ocp.args.StandardRestore()} if state else {})}
   out = {}
   for step in manager.all_steps():
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                               progress=ocp.args.JsonRestore()))
-    out[step] = (restored.progress, restored.state)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    out[step] = (restored.progress, restored.state if state else None)
   manager.close()
   return out
+
+
+def latest_progress(workdir: str) -> tuple[int, int]:
+  """(task, task_step) of the run's newest checkpoint."""
+  progress = read_checkpoints(workdir, state=False)
+  progress = progress[max(progress)][0]
+  return progress["task"], progress["task_step"]
+
+
+def assert_same_last_checkpoint(workdir: str, reference_dir: str) -> None:
+  """The newest checkpoint of `workdir` equals `reference_dir`'s: its progress and every state leaf."""
+  import jax  # pylint: disable=g-import-not-at-top
+  got, want = read_checkpoints(workdir), read_checkpoints(reference_dir)
+  (got_progress, got_state), (want_progress, want_state) = got[max(got)], want[max(want)]
+  assert got_progress == want_progress
+  got_leaves, want_leaves = (dict(jax.tree_util.tree_leaves_with_path(s)) for s in (got_state, want_state))
+  assert got_leaves.keys() == want_leaves.keys()
+  for path, leaf in want_leaves.items():
+    np.testing.assert_array_equal(got_leaves[path], leaf, err_msg=jax.tree_util.keystr(path))
 
 
 def killed_copy(finished: str, workdir: str, task: int, task_step: int) -> str:
@@ -152,7 +172,7 @@ def killed_copy(finished: str, workdir: str, task: int, task_step: int) -> str:
   of (task, task_step) leaves it: the later checkpoints and results.json gone. Returns `workdir`."""
   shutil.copytree(finished, workdir)
   checkpoints = {index: (progress["task"], progress["task_step"])
-                 for index, (progress, _) in read_checkpoints(workdir).items()}
+                 for index, (progress, _) in read_checkpoints(workdir, state=False).items()}
   assert (task, task_step) in checkpoints.values(), checkpoints
   cut = min(index for index, at in checkpoints.items() if at == (task, task_step))
   for index in checkpoints:

@@ -1,6 +1,5 @@
 """Ctrl-C and preemption: SIGINT / SIGTERM finish the step, checkpoint, say so in one line, exit 128 + n."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -9,12 +8,6 @@ from tests import e2e_util
 from tests import run_util
 
 _LINE = "stopped at task {}, step {}; checkpoint written; rerun the same command to resume"
-
-
-def _latest_progress(workdir: str) -> tuple[int, int]:
-  progress = run_util.read_checkpoints(workdir)
-  progress = progress[max(progress)][0]
-  return progress["task"], progress["task_step"]
 
 
 def _command(workdir: str) -> list[str]:
@@ -35,20 +28,16 @@ def test_sigint_and_sigterm_checkpoint_the_step_and_the_rerun_ends_as_an_uninter
   assert stopped.returncode == 130, stopped.stderr[-3000:]
   assert stopped.stderr.strip().splitlines()[-1] == _LINE.format(0, 3)
   assert "Traceback" not in stopped.stderr
-  assert _latest_progress(workdir) == (0, 3)
+  assert run_util.latest_progress(workdir) == (0, 3)
   # Preempted in the resumed run: global step 5 is task 1's step 1.
   stopped = _signalled(workdir, "TERM:5")
   assert stopped.returncode == 143, stopped.stderr[-3000:]
   assert stopped.stderr.strip().splitlines()[-1] == _LINE.format(1, 1)
-  assert _latest_progress(workdir) == (1, 1)
+  assert run_util.latest_progress(workdir) == (1, 1)
   # Both stops were resumed through main.py; the last start finishes in this process.
   train_continual.train_and_evaluate(e2e_util.tiny_digits_config(), workdir)
   np.testing.assert_array_equal(run_util.results_matrix(workdir), reference["accuracy_matrix"])
-  got, want = run_util.read_checkpoints(workdir), run_util.read_checkpoints(str(tmp_path / "reference"))
-  (got_progress, got_state), (want_progress, want_state) = got[max(got)], want[max(want)]
-  assert got_progress == want_progress
-  for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
-    np.testing.assert_array_equal(a, b)
+  run_util.assert_same_last_checkpoint(workdir, str(tmp_path / "reference"))
 
 
 @pytest.mark.slow
@@ -58,4 +47,4 @@ def test_a_second_sigint_stops_at_once(tmp_path):
   assert stopped.returncode == 130, stopped.stderr[-3000:]
   last = stopped.stderr.strip().splitlines()[-1]
   assert last.startswith("error: SIGINT again: stopped at once") and "Traceback" not in stopped.stderr
-  assert _latest_progress(workdir) == (0, 2)  # the checkpoint before; step 3 was not saved
+  assert run_util.latest_progress(workdir) == (0, 2)  # the checkpoint before; step 3 was not saved

@@ -5,9 +5,7 @@ import glob
 import json
 import logging
 import os
-import shutil
 
-import jax
 import numpy as np
 import pytest
 
@@ -21,12 +19,6 @@ from tests.test_checkpointing import corrupt
 
 # Written by ReportProgress from wall-clock time; every other scalar must match exactly.
 _TIMING_TAGS = ("steps_per_sec", "uptime")
-
-
-def _latest_progress(workdir: str) -> tuple[int, int]:
-  progress = run_util.read_checkpoints(workdir)
-  progress = progress[max(progress)][0]
-  return progress["task"], progress["task_step"]
 
 
 def _temporary_dirs(workdir: str) -> list[str]:
@@ -88,11 +80,11 @@ def test_runs_killed_in_training_evaluation_and_checkpointing_resume_exactly(tmp
   workdir, marker = str(tmp_path / "killed"), str(tmp_path / "paused")
   cmd, environment = run_util.command(workdir, flags), run_util.env(2)
   run_util.run_and_kill(cmd, environment, "step", 3, marker)
-  assert _latest_progress(workdir) == (0, 2)
+  assert run_util.latest_progress(workdir) == (0, 2)
   run_util.run_and_kill(cmd, environment, "eval", 1, marker)  # Resumed at step 2, evaluating task 0.
-  assert _latest_progress(workdir) == (0, 4)
+  assert run_util.latest_progress(workdir) == (0, 4)
   run_util.run_and_kill(cmd, environment, "commit", 2, marker)  # Writing the checkpoint of step 6.
-  assert _latest_progress(workdir) == (1, 0)
+  assert run_util.latest_progress(workdir) == (1, 0)
   assert len(_temporary_dirs(workdir)) == 1
   # The second and third starts resumed through main.py; this one finishes in this process.
   train_continual.train_and_evaluate(config, workdir)
@@ -101,32 +93,21 @@ def test_runs_killed_in_training_evaluation_and_checkpointing_resume_exactly(tmp
     assert validation.config_differences(json.load(f), validation.config_json(config)) == []
   np.testing.assert_array_equal(run_util.results_matrix(workdir), reference["accuracy_matrix"])
   assert not _temporary_dirs(workdir)
-  got, want = run_util.read_checkpoints(workdir), run_util.read_checkpoints(reference_dir)
-  (got_progress, got_state), (want_progress, want_state) = got[max(got)], want[max(want)]
-  assert got_progress == want_progress
-  got_leaves, want_leaves = (dict(jax.tree_util.tree_leaves_with_path(s)) for s in (got_state, want_state))
-  assert got_leaves.keys() == want_leaves.keys()
-  for path, leaf in want_leaves.items():
-    np.testing.assert_array_equal(got_leaves[path], leaf, err_msg=jax.tree_util.keystr(path))
+  run_util.assert_same_last_checkpoint(workdir, reference_dir)
   _assert_same_curves(workdir, reference_dir)
 
 
-def _copy_of_reference(tmp_path, keep_up_to: int) -> tuple[str, dict]:
-  """(workdir, results): the uninterrupted tiny run as a run killed after checkpoint `keep_up_to` leaves it."""
+def _copy_of_reference(tmp_path, task: int, task_step: int) -> tuple[str, dict]:
+  """(workdir, results): the uninterrupted tiny run as a run killed after its checkpoint of
+  (task, task_step) leaves it."""
   reference = run_util.train_in_process(e2e_util.tiny_digits_config(), str(tmp_path / "reference"))
-  workdir = str(tmp_path / "run")
-  shutil.copytree(str(tmp_path / "reference"), workdir)
-  for name in os.listdir(os.path.join(workdir, "checkpoints")):
-    if int(name) > keep_up_to:
-      shutil.rmtree(os.path.join(workdir, "checkpoints", name))
-  os.remove(os.path.join(workdir, "results.json"))
-  return workdir, reference
+  return run_util.killed_copy(str(tmp_path / "reference"), str(tmp_path / "run"), task, task_step), reference
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
 def test_an_unreadable_newest_checkpoint_resumes_from_the_one_before_it(tmp_path, caplog, how):
   # Checkpoints of the tiny run: 0 (task 0, step 2), 1 (0, 4), 2 (1, 0), 3 (1, 2), 4 (1, 4), 5 (2, 0).
-  workdir, reference = _copy_of_reference(tmp_path, keep_up_to=3)
+  workdir, reference = _copy_of_reference(tmp_path, 1, 2)  # Checkpoint 3.
   corrupt(os.path.join(workdir, "checkpoints", "3"), how)
   caplog.set_level(logging.WARNING)
   results = train_continual.train_and_evaluate(e2e_util.tiny_digits_config(), workdir)
@@ -141,7 +122,7 @@ def test_an_unreadable_newest_checkpoint_resumes_from_the_one_before_it(tmp_path
 
 
 def test_a_single_unreadable_checkpoint_is_one_line_with_exit_status_2_and_nothing_deleted(tmp_path):
-  workdir, _ = _copy_of_reference(tmp_path, keep_up_to=0)
+  workdir, _ = _copy_of_reference(tmp_path, 0, 2)  # Checkpoint 0.
   checkpoint = os.path.join(workdir, "checkpoints", "0")
   corrupt(checkpoint, "truncated_array_file")
   before = e2e_util.snapshot(workdir)

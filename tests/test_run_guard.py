@@ -73,18 +73,9 @@ def _expected_commit() -> str | None:
 
 # --- Another topology. ----------------------------------------------------------------------
 
-def _cut_after_first_checkpoint(workdir: str) -> None:
-  """Leaves `workdir` as a run killed after its first checkpoint (task 0, step 2) would."""
-  checkpoints = sorted(glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")),
-                       key=lambda p: int(os.path.basename(p)))
-  for path in checkpoints[1:]:
-    shutil.rmtree(path)
-  os.remove(os.path.join(workdir, "results.json"))
-
-
 def test_resume_on_other_devices_is_refused_in_one_line_naming_both(tmp_path, finished_run):
-  workdir = _copy(finished_run[0], str(tmp_path / "run"))
-  _cut_after_first_checkpoint(workdir)
+  # As a run killed after its first checkpoint (task 0, step 2) leaves it.
+  workdir = run_util.killed_copy(finished_run[0], str(tmp_path / "run"), 0, 2)
   before = e2e_util.snapshot(workdir)
   # Two devices of 4 images began the run; one device of 4 images would halve the global batch.
   done = run_util.run(run_util.command(workdir, run_util.tiny_flags(**_OVERRIDES)), run_util.env(1), timeout=240)
@@ -158,8 +149,8 @@ def test_a_run_from_before_run_json_resumes_and_records_its_topology(tmp_path, f
 
 def test_a_run_from_before_run_json_with_a_checkpoint_past_the_task_is_refused(tmp_path, finished_run):
   # Saved at step 6 of a task that, with this global batch, has 4 steps (so made on other devices).
-  workdir = _copy(finished_run[0], str(tmp_path / "run"))
-  _cut_after_first_checkpoint(workdir)
+  # As a run killed after its first checkpoint (task 0, step 2) leaves it.
+  workdir = run_util.killed_copy(finished_run[0], str(tmp_path / "run"), 0, 2)
   os.remove(os.path.join(workdir, RUN))
   (progress_file,) = glob.glob(os.path.join(workdir, "checkpoints", "*", "progress", "metadata"))
   with open(progress_file) as f:
